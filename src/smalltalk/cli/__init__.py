@@ -1,0 +1,73 @@
+"""The ``smalltalk`` command: a thin argparse front end over the library.
+
+Each subcommand lives in its own module ``smalltalk.cli.<name>`` exposing
+``add_parser(subparsers)`` (which must call ``parser.set_defaults(func=run)``) and ``run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import SmallTalkError
+
+# Order here is the order in `smalltalk --help`.
+COMMANDS = [
+    "prepare",
+    "train",
+    "evaluate",
+    "generate",
+    "export",
+    "flops",
+    "comm",
+    "train_routers",
+    "shard",
+    "train_expert",
+    "train_dense",
+    "route",
+    "eval_mixture",
+    "run",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smalltalk",
+        description="Train and serve asynchronous mixtures of language models (SmallTalk LM).",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"smalltalk {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            # A subcommand whose module is not written yet is simply absent.
+            if e.name == f"{__name__}.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        result = args.func(args)
+    except SmallTalkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: completed work is saved; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
