@@ -1,0 +1,53 @@
+"""The README's commands are the contract with users: run them so they never rot."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def _block(marker: str) -> str:
+    m = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```\s*<!-- /{marker} -->", README, re.S)
+    assert m, f"README has no ```bash block between <!-- {marker} --> markers"
+    return m.group(1).strip()
+
+
+def _without_install(cmd: str) -> list[str]:
+    """The install step already ran (we are inside the installed package); keep the rest."""
+    parts = [p.strip() for p in cmd.split("&&")]
+    return [p for p in parts if not p.startswith("pip install")]
+
+
+def test_readme_has_two_setup_commands_each_installing():
+    for marker in ("main-command", "test-command"):
+        cmd = _block(marker)
+        assert len(cmd.splitlines()) == 1, f"{marker} must be exactly one command line"
+        assert cmd.startswith("pip install "), f"{marker} must install first"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "test-command" in ci, ".ci/run must take its command from the README"
+
+
+def test_readme_quickstart_runs(tmp_path, corpus_dir):
+    steps = _without_install(_block("main-command"))
+    assert steps and steps[0].startswith("smalltalk "), steps
+    bin_dir = Path(sys.executable).parent
+    exe = shutil.which("smalltalk", path=str(bin_dir)) or shutil.which("smalltalk")
+    assert exe, "the smalltalk console script is not installed"
+    env = dict(os.environ, SMALLTALK_CORPUS=str(corpus_dir), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for step in steps:
+        proc = subprocess.run(step, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"`{step}` failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # Every quickstart writes under runs/quickstart and leaves a manifest describing what it made.
+    out = tmp_path / "runs" / "quickstart"
+    manifests = list(out.rglob("manifest.json"))
+    assert manifests, f"no manifest.json under {out}"
