@@ -91,13 +91,25 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
-        n = self.num_params()
-        return (f"{self.name}: {n / 1e6:.2f}M params (hidden {self.hidden_size}, layers {self.num_layers}, "
-                f"heads {self.num_heads}, ffn x{self.ffn_mult}, context {self.max_seq_len}, vocab {self.vocab_size})")
+        """One line: name, parameter counts (total and without embeddings) and shape."""
+        n, n_body = self.num_params(), self.num_params(include_embeddings=False)
+        tied = "tied" if self.tie_embeddings else "untied"
+        return (f"{self.name}: {_millions(n)} params ({_millions(n_body)} non-embedding; hidden {self.hidden_size}, "
+                f"layers {self.num_layers}, heads {self.num_heads}, ffn x{self.ffn_mult}, "
+                f"context {self.max_seq_len}, vocab {self.vocab_size}, {tied} embeddings)")
+
+    def __str__(self) -> str:
+        # `print(preset("tiny"))` shows the parameter count; repr() keeps the full dataclass form.
+        return self.describe()
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 # Paper Table 1 sizes (vocab 32k, context 1024) and CPU-scale presets for this project.
 # The paper's 64M router lists 12 heads for hidden 416, which does not divide; we use 13 heads of 32.
+# Its Table 1 shape gives 38.3M parameters (tied, 32k vocab), not 64M; we keep the shape and the label.
 PRESETS: dict[str, ModelConfig] = {
     "router-4.4m": ModelConfig(hidden_size=96, num_layers=12, num_heads=12, name="router-4.4m"),
     "router-64m": ModelConfig(hidden_size=416, num_layers=12, num_heads=13, name="router-64m"),

@@ -5,7 +5,13 @@ GPT-NeoX layout, so that Hugging Face export is a renaming of weights:
   attn: fused QKV linear whose output is viewed per head as (A, 3 * head_dim) -> q | k | v,
         full rotary on q and k (rotate-half convention), causal SDPA, output linear
   mlp:  Linear(H, 4H) -> exact GELU -> Linear(4H, H)
-Shapes: B batch, T time, H hidden, A heads, D head_dim, V vocab.
+Shapes: B batch, T time (new tokens), S keys (cached + new), H hidden, A heads, D head_dim, V vocab.
+
+Initialisation (`Transformer.reset_parameters`, GPT-2 style): every linear and embedding weight
+~ N(0, init_std), the two residual output projections (attention `dense`, MLP `dense_4h_to_h`)
+~ N(0, init_std / sqrt(2 L)) so the residual stream's variance does not grow with depth, biases
+zero, LayerNorm weight one. It draws from torch's global RNG: `torch.manual_seed(s)` before
+`Transformer(config)` fixes every weight.
 """
 
 from __future__ import annotations
@@ -36,6 +42,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def padding_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, S) 1 = real token, 0 = padding -> (B, 1, T, S) bool: the last T positions as queries,
+    causal, padding keys hidden."""
+    B, S = attention_mask.shape
+    if S < T:
+        raise SmallTalkError(f"attention_mask covers {S} positions but {T} new tokens were given; "
+                             "it must cover the cached and the new tokens")
+    device = attention_mask.device
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)  # (T, S)
+    mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    # A padding query sees no real key before it; a fully masked softmax row is NaN, and NaN
+    # leaks into real positions through 0 * NaN in later layers. Let every query see itself
+    # (padding outputs are never used).
+    diagonal = torch.zeros(T, S, dtype=torch.bool, device=device)
+    diagonal[torch.arange(T, device=device), torch.arange(S - T, S, device=device)] = True
+    return mask | diagonal
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -44,17 +68,21 @@ class Attention(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None):
+        """x (B, T, H); kv_cache (k, v) each (B, A, S - T, D); mask (B, 1, T, S) bool, True = may attend."""
         B, T, H = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)  # each (B, A, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             past_k, past_v = kv_cache
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, A, S, D)
         # With a cache, the T new queries attend to everything cached plus the causal part of
         # themselves; is_causal with T == 1 is the same as no mask.
-        if kv_cache is None or T == 1:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif kv_cache is None or T == 1:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=kv_cache is None or T > 1)
         else:
             S = k.shape[2]
@@ -82,8 +110,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        attn_out, new_cache = self.attention(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, mask=None):
+        attn_out, new_cache = self.attention(self.input_layernorm(x), cos, sin, kv_cache, mask)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_cache
@@ -120,24 +148,34 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_caches: list | None = None, start_pos: int = 0):
+                kv_caches: list | None = None, start_pos: int = 0,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False):
         """idx (B, T) token ids -> logits (B, T, V).
 
         With `targets` (B, T) returns (logits, mean cross-entropy over targets != -100).
         With `kv_caches` (a list per layer of (k, v) or None) returns (logits, new_caches), for generation;
-        `start_pos` is the position of idx[:, 0].
+        `start_pos` is the position of idx[:, 0] (the length of the cache).
+        `attention_mask` (B, start_pos + T), 1 for real tokens and 0 for padding, lets a batch of
+        left-padded prompts run together (batched generation); without it every token is real.
+        `last_only` returns logits (B, 1, V) for the last position only (all that sampling needs;
+        saves the (T, H) x (H, V) output projection of a prefill).
         """
         B, T = idx.shape
+        if last_only and targets is not None:
+            raise ValueError("last_only=True drops the logits the loss needs; pass one or the other")
         if start_pos + T > self.config.max_seq_len:
             raise SmallTalkError(f"sequence of {start_pos + T} tokens is longer than the model's context "
                                  f"({self.config.max_seq_len}); truncate the input or use a longer-context model")
         cos = self.rope_cos[start_pos:start_pos + T]
         sin = self.rope_sin[start_pos:start_pos + T]
+        mask = None if attention_mask is None else padding_mask(attention_mask, T)
         x = self.embed_in(idx)  # (B, T, H)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, kv_caches[i] if kv_caches is not None else None)
+            x, cache = layer(x, cos, sin, kv_caches[i] if kv_caches is not None else None, mask)
             new_caches.append(cache)
+        if last_only:
+            x = x[:, -1:]
         logits = self.embed_out(self.final_layer_norm(x))  # (B, T, V)
         if kv_caches is not None:
             return logits, new_caches

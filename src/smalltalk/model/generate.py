@@ -1,0 +1,234 @@
+"""Text generation with a KV cache: greedy, temperature, top-k, top-p, stop strings, batched prompts.
+
+    result = generate(model, tokenizer, "Once upon a time", max_new_tokens=50, top_k=40, seed=0)
+    result.text, result.token_ids, result.finish_reason        # "eos" | "stop" | "length"
+
+With the cache the prompt is run once (prefill) and then one token per step attends to the
+cached keys and values; `use_cache=False` re-runs the whole window every step (same tokens,
+for checking and benchmarking).
+
+Context window. The model sees at most `max_seq_len` tokens. A longer prompt is left-truncated
+to its last `max_seq_len` tokens (`GenerationResult.prompt_truncated`). When prompt plus
+generated tokens would overflow the window, the oldest tokens are dropped so that the last
+`max_seq_len // 2` remain, and the cache is rebuilt from them (one prefill per half window).
+The same rule applies without the cache, so both paths produce the same tokens.
+
+Batches. `generate_batch` left-pads prompts of different lengths and masks the padding, so each
+row's logits are those of the row run alone (up to float rounding): with RoPE only relative
+positions matter. Each row keeps its own context window (the rule above), and a row that
+finishes leaves the batch, so a row's tokens do not depend on its neighbours.
+
+Tokenizer: smalltalk's `TextTokenizer` (`smalltalk.data.tokenizer.load_tokenizer`), an HF
+`tokenizers.Tokenizer` or a `transformers` tokenizer. Prompts are encoded without special tokens; an empty prompt starts from EOS (the document boundary the model saw in
+training), i.e. unconditional generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..errors import SmallTalkError
+from .transformer import Transformer
+
+# Special-token spellings tried, in order, when the tokenizer does not say its EOS id
+# (the same order as smalltalk.data.tokenizer).
+EOS_CANDIDATES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eos|>", "[EOS]")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    """Decoded continuation (without the prompt), EOS removed, cut before the first stop string."""
+    token_ids: list[int]
+    """Generated token ids, EOS excluded; with a stop string, up to the token that completed it."""
+    finish_reason: str
+    """"eos" (model emitted EOS), "stop" (a stop string appeared) or "length" (max_new_tokens reached)."""
+    prompt_ids: list[int] = field(default_factory=list)
+    """Prompt tokens actually fed to the model (after left truncation)."""
+    prompt_truncated: bool = False
+    """True when the prompt was longer than the context and lost its oldest tokens."""
+
+
+def generate(model: Transformer, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 100, *,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             stop: Sequence[str] | None = None, seed: int | None = None, greedy: bool = False,
+             use_cache: bool = True, eos_id: int | None = None, ignore_eos: bool = False) -> GenerationResult:
+    """Continue one prompt (text, or a list of token ids). See the module docstring for the rules.
+
+    `temperature=0` is greedy; `top_k` keeps the k most likely tokens, `top_p` the smallest set whose
+    probability reaches p (both after temperature). `seed` fixes sampling (None: torch's global RNG).
+    `eos_id` defaults to the tokenizer's EOS token; `ignore_eos` keeps generating past it.
+    """
+    return generate_batch(model, tokenizer, [prompt], max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, stop=stop, seed=seed, greedy=greedy, use_cache=use_cache, eos_id=eos_id,
+                          ignore_eos=ignore_eos)[0]
+
+
+@torch.inference_mode()
+def generate_batch(model: Transformer, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 100,
+                   *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   stop: Sequence[str] | None = None, seed: int | None = None, greedy: bool = False,
+                   use_cache: bool = True, eos_id: int | None = None,
+                   ignore_eos: bool = False) -> list[GenerationResult]:
+    """Continue several prompts together (one forward per step for the whole batch)."""
+    _check_options(max_new_tokens, temperature, top_k, top_p, stop)
+    if isinstance(prompts, str) or not len(prompts):
+        raise SmallTalkError("generate_batch: prompts must be a non-empty list of strings or token-id lists")
+    cfg = model.config
+    device = next(model.parameters()).device
+    eos_id = eos_token_id(tokenizer) if eos_id is None else eos_id
+    greedy = greedy or temperature == 0
+    stop = [s for s in (stop or []) if s]
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    rows = [_prompt_ids(tokenizer, p, eos_id, cfg.vocab_size) for p in prompts]
+    truncated = [len(r) > cfg.max_seq_len for r in rows]
+    rows = [r[-cfg.max_seq_len:] for r in rows]
+    B = len(rows)
+    windows = [list(r) for r in rows]  # per row: the tokens the model sees (as if the row ran alone)
+    active = list(range(B))  # rows still generating, in batch order
+    window, real = _pad_left([windows[b] for b in active], device)  # (b, W) ids, (b, W) False on padding
+
+    new_ids: list[list[int]] = [[] for _ in range(B)]
+    reasons: list[str | None] = [None] * B
+    texts: list[str | None] = [None] * B
+    caches, cached = None, 0  # per-layer (k, v) for the active rows; window positions they cover
+    for step in range(max_new_tokens):
+        mask = None if bool(real.all()) else real
+        if use_cache:
+            logits, caches = model(window[:, cached:], kv_caches=caches or [None] * cfg.num_layers,
+                                   start_pos=cached, attention_mask=mask, last_only=True)
+            cached = window.shape[1]
+        else:
+            logits = model(window, attention_mask=mask, last_only=True)
+        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, greedy, generator)  # (b,)
+        for b, token in zip(active, next_ids.tolist()):
+            if token == eos_id and not ignore_eos:
+                reasons[b] = "eos"
+                continue
+            new_ids[b].append(token)
+            windows[b].append(token)
+            if stop:
+                texts[b], hit = _cut_at_stop(decode(tokenizer, new_ids[b]), stop)
+                reasons[b] = "stop" if hit else None
+        if step == max_new_tokens - 1:
+            break
+        keep_rows = [i for i, b in enumerate(active) if reasons[b] is None]
+        if not keep_rows:
+            break
+        if len(keep_rows) < len(active):  # drop finished rows from the batch (and their cache)
+            index = torch.tensor(keep_rows, device=device)
+            window, real, next_ids = window[index], real[index], next_ids[index]
+            caches = [(k[index], v[index]) for k, v in caches] if caches else None
+            active = [active[i] for i in keep_rows]
+        overflow = [b for b in active if len(windows[b]) > cfg.max_seq_len]
+        for b in overflow:  # this row's context is full: it keeps its newest half
+            windows[b] = windows[b][-max(1, cfg.max_seq_len // 2):]
+        if overflow:  # re-pad the rows and rebuild the cache from their windows
+            window, real = _pad_left([windows[b] for b in active], device)
+            caches, cached = None, 0
+        else:
+            window = torch.cat([window, next_ids[:, None]], dim=1)
+            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+
+    results = []
+    for b in range(B):
+        text = texts[b] if texts[b] is not None else decode(tokenizer, new_ids[b])
+        results.append(GenerationResult(text=text, token_ids=new_ids[b], finish_reason=reasons[b] or "length",
+                                        prompt_ids=rows[b], prompt_truncated=truncated[b]))
+    return results
+
+
+def _pad_left(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, W) ids left-padded with 0, (B, W) bool True on real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    real = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        real[b, width - len(r):] = True
+    return ids.to(device), real.to(device)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, greedy: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked before it already reach top_p (the first always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -- tokenizer adapters: smalltalk's TextTokenizer, HF `tokenizers.Tokenizer`, or a `transformers` tokenizer --
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens."""
+    if hasattr(tokenizer, "eos_id"):  # smalltalk.data.tokenizer.TextTokenizer never adds specials
+        return list(tokenizer.encode(text))
+    out = tokenizer.encode(text, add_special_tokens=False)
+    return list(out.ids) if hasattr(out, "ids") else list(out)
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def eos_token_id(tokenizer) -> int | None:
+    """The tokenizer's EOS id (`eos_id` / `eos_token_id`, else the first known EOS spelling), or None."""
+    for attr in ("eos_id", "eos_token_id"):
+        explicit = getattr(tokenizer, attr, None)
+        if isinstance(explicit, int):
+            return explicit
+    lookup = getattr(tokenizer, "token_to_id", None) or getattr(tokenizer, "convert_tokens_to_ids", None)
+    for token in EOS_CANDIDATES:
+        token_id = lookup(token) if lookup else None
+        if isinstance(token_id, int) and token_id >= 0 and token_id != getattr(tokenizer, "unk_token_id", None):
+            return token_id
+    return None
+
+
+def _prompt_ids(tokenizer, prompt, eos_id: int | None, vocab_size: int) -> list[int]:
+    ids = encode(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        if eos_id is None:
+            raise SmallTalkError("empty prompt and the tokenizer has no EOS token to start from; give a prompt")
+        ids = [eos_id]
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise SmallTalkError(f"prompt token id {bad[0]} is outside the model's vocabulary (size {vocab_size}); "
+                             "was the prompt encoded with another tokenizer?")
+    return ids
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _check_options(max_new_tokens, temperature, top_k, top_p, stop) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise SmallTalkError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    if not temperature >= 0:
+        raise SmallTalkError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise SmallTalkError(f"top_k={top_k!r} must be a positive integer (or None for no top-k)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SmallTalkError(f"top_p={top_p!r} must be in (0, 1] (or None for no nucleus sampling)")
+    if isinstance(stop, str):
+        raise SmallTalkError("stop must be a list of strings, not a single string")
