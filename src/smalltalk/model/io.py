@@ -1,0 +1,187 @@
+"""Model directories: the weights other stages load (routers, experts, the dense baseline).
+
+Layout (docs/architecture.md)::
+
+    <model_dir>/model.safetensors   Transformer state dict; a tied ``embed_out.weight`` is not stored twice
+    <model_dir>/config.json         {"format": "smalltalk-model", "version": 1, "model": ModelConfig.to_dict(),
+                                     "tokenizer_sha256": "..." | null, "producer": {...}, **extra}
+    <model_dir>/tokenizer.json      copy of the tokenizer (absent when none was given)
+
+The directory is written whole into a temporary sibling and renamed into place, so a reader sees
+either the previous complete directory or the new one.
+
+    save_model_dir(dir, model, tokenizer_file, extra=None)
+    model, config_json = load_model_dir(dir, device="cpu")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SmallTalkError
+from ..io import atomic_write_json, read_json
+from .config import ModelConfig
+from .transformer import Transformer
+
+FORMAT = "smalltalk-model"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (how tokenizers and checkpoint files are identified)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unwrap_model(model: torch.nn.Module) -> Transformer:
+    """The plain Transformer inside a DDP (``.module``) and/or ``torch.compile`` (``._orig_mod``) wrapper."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of the parameters to store; a tied output projection is dropped."""
+    model = unwrap_model(model)
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("embed_out.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's weights as safetensors to `path` (not atomic by itself: callers write into a temp dir)."""
+    from safetensors.torch import save_file
+
+    save_file(weights_state_dict(model), str(path), metadata=metadata)
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load safetensors weights from `path` into `model` in place; bad files -> SmallTalkError naming `path`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise SmallTalkError(f"{path}: weights file not found")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SmallTalkError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated, "
+                             "delete it and re-create it") from None
+    model = unwrap_model(model)
+    expected = set(weights_state_dict(model))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise SmallTalkError(f"{path}: weights do not match the model config (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}); was it written for another config?")
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise SmallTalkError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model config needs "
+                                 f"{tuple(own[name].shape)}; was it written for another config?")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+
+
+def _producer() -> dict[str, Any]:
+    from .. import __version__
+
+    return {"smalltalk": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def save_model_dir(directory: str | os.PathLike, model: torch.nn.Module, tokenizer_file: str | os.PathLike | None,
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Write `model` (+ a copy of `tokenizer_file`) as a model directory, replacing any previous one atomically.
+
+    `extra` keys are added to config.json (for example the training step or the data it saw).
+    """
+    directory = Path(directory)
+    model = unwrap_model(model)
+    tokenizer_sha = None
+    if tokenizer_file is not None:
+        tokenizer_file = Path(tokenizer_file)
+        if not tokenizer_file.is_file():
+            raise SmallTalkError(f"{tokenizer_file}: tokenizer file not found")
+        tokenizer_sha = sha256_file(tokenizer_file)
+    config_json = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
+                   "tokenizer_sha256": tokenizer_sha, "producer": _producer(), **(extra or {})}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    try:
+        save_weights(tmp / WEIGHTS_FILE, model, metadata={"format": FORMAT})
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        atomic_write_json(tmp / CONFIG_FILE, config_json)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_model_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, config.json dict) of a model directory, without loading weights."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SmallTalkError(f"{directory}: model directory not found")
+    config_json = read_json(directory / CONFIG_FILE)
+    if not isinstance(config_json, dict) or "model" not in config_json:
+        raise SmallTalkError(f"{directory / CONFIG_FILE}: not a smalltalk model config (no 'model' key)")
+    return ModelConfig.from_dict(config_json["model"]), config_json
+
+
+def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """Load a model directory -> (Transformer in eval mode on `device`, config.json dict)."""
+    directory = Path(directory)
+    cfg, config_json = read_model_config(directory)
+    model = Transformer(cfg)
+    load_weights(directory / WEIGHTS_FILE, model)
+    return model.to(device).eval(), config_json
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make the directory entries durable before the rename publishes them (no-op where unsupported).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename directory `src` to `dst`; an existing `dst` is moved aside first and deleted after."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", suffix=".partial", dir=dst.parent))
+    os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
