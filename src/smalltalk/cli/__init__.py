@@ -27,7 +27,9 @@ COMMANDS = [
     "train_dense",
     "route",
     "eval_mixture",
+    "eval_downstream",
     "run",
+    "analyze",
 ]
 
 

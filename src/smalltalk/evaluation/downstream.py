@@ -1,0 +1,370 @@
+"""Downstream evaluation of a mixture against its dense baseline, side by side (paper §3.3, App. B).
+
+    result = run_downstream(DownstreamConfig(run_dir="runs/x", tasks=["blimp", "hellaswag", "gsm8k"], limit=200))
+    result = run_downstream(DownstreamConfig(bundle="B", dense="D/model", out="somewhere"))
+
+Both models go through lm-evaluation-harness with the same tasks, seeds and limits (the mixture
+routes every request by its own prefix, see `lm_eval_model.py`). Written to `out`:
+
+    downstream.json   config, per-task rows, BLiMP summary, win rate, routing counts, timings, load average
+    downstream.md     the App. B style table (winner in bold, ties both bold) + routing breakdown
+    lm_eval_mixture.json, lm_eval_dense.json   lm-eval's own results (all metrics, configs)
+
+With a run directory (`smalltalk run` layout, mixture/layout.py) the bundle is ``<run>/bundle``, the
+dense baseline ``<run>/dense/model``, `out` is ``<run>/eval``, and the Markdown is also put into
+``<run>/report.md`` as a section between ``<!-- downstream -->`` markers (replaced on re-runs).
+
+Task names. ``blimp``, ``hellaswag`` and ``gsm8k`` mean the local copies (``blimp_offline`` = all 67
+paradigms, ``hellaswag_offline``, ``gsm8k_offline``; data in $SMALLTALK_EVALS); ``blimp_<paradigm>``
+means one local paradigm. Any other name is passed to lm-eval as is (its standard tasks need the Hub).
+With ``online=True`` the three short names mean lm-eval's standard tasks instead.
+
+Rows. One row per scored task: each BLiMP paradigm, HellaSwag, GSM8K (the "leaf" tasks), with
+the task's primary metric (BLiMP acc, HellaSwag acc_norm, GSM8K exact match of the "#### N"
+answer, "strict-match"). Winner: the higher value, "tie" when equal at 4 decimals (the paper's
+precision). The paper's headline is the share of tasks where the mixture is better or equal.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SmallTalkError
+from ..io import atomic_write_json, atomic_write_text
+
+OFFLINE_TASKS = {"blimp": "blimp_offline", "hellaswag": "hellaswag_offline", "gsm8k": "gsm8k_offline"}
+# Primary metric per task family (lm-eval result key), first match wins.
+PRIMARY_METRICS = (
+    ("blimp", "acc,none"),
+    ("hellaswag", "acc_norm,none"),
+    ("gsm8k", "exact_match,strict-match"),
+    ("", "acc,none"),
+    ("", "exact_match,none"),
+)
+SIDES = ("mixture", "dense")
+TIE_DECIMALS = 4
+
+
+REPORT_BEGIN, REPORT_END = "<!-- downstream -->", "<!-- /downstream -->"
+
+
+@dataclass
+class DownstreamConfig:
+    run_dir: str | None = None
+    """A `smalltalk run` directory: supplies bundle, dense and out when they are not given."""
+    bundle: str | None = None
+    """Mixture bundle directory (or a run directory holding ``bundle/``)."""
+    dense: str | None = None
+    """Dense baseline model directory."""
+    tasks: list[str] = field(default_factory=lambda: ["blimp", "hellaswag", "gsm8k"])
+    limit: int | None = None
+    """Items per task (lm-eval ``--limit``); None = all."""
+    out: str | None = None
+    """Directory for downstream.json / .md (None: nothing written)."""
+    prefix_len: int | None = None
+    """Routing prefix M-hat (default: the bundle's M)."""
+    batch_size: int = 32
+    device: str = "auto"
+    evals_dir: str | None = None
+    """Local eval data (default $SMALLTALK_EVALS or ../shared/evals)."""
+    online: bool = False
+    """Use lm-eval's standard task names (Hub downloads) for blimp / hellaswag / gsm8k."""
+    num_fewshot: int | None = None
+    max_gen_toks: int = 256
+    empty_context: str = "sequence"
+    """Routing of empty-context requests (BLiMP): "sequence" (by the scored text) or "fallback"."""
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.run_dir is not None:
+            run = Path(self.run_dir)
+            if not run.is_dir():
+                raise SmallTalkError(f"--run-dir {run}: directory not found")
+            self.bundle = self.bundle or str(run / "bundle")
+            self.dense = self.dense or str(run / "dense" / "model")
+            self.out = self.out or str(run / "eval")
+        if self.bundle is None and self.dense is None:
+            raise SmallTalkError("downstream evaluation needs --run-dir, or --bundle and/or --dense")
+        if isinstance(self.tasks, str):
+            self.tasks = [t for t in self.tasks.split(",") if t.strip()]
+        self.tasks = [t.strip() for t in self.tasks]
+        if not self.tasks:
+            raise SmallTalkError("tasks is empty; give e.g. --tasks blimp,hellaswag,gsm8k")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise SmallTalkError(f"limit={self.limit!r} must be a positive integer (or omitted for all items)")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise SmallTalkError(f"batch_size={self.batch_size!r} must be a positive integer")
+        if self.num_fewshot is not None and (not isinstance(self.num_fewshot, int) or self.num_fewshot < 0):
+            raise SmallTalkError(f"num_fewshot={self.num_fewshot!r} must be a non-negative integer")
+        for name, path in (("bundle", self.bundle), ("dense", self.dense)):
+            if path is not None and not Path(path).is_dir():
+                raise SmallTalkError(f"--{name} {path}: directory not found")
+
+
+def resolve_tasks(names: list[str], online: bool = False) -> list[str]:
+    """User task names -> lm-eval task names (see the module docstring)."""
+    resolved = []
+    for name in names:
+        if not online and name in OFFLINE_TASKS:
+            resolved.append(OFFLINE_TASKS[name])
+        elif not online and name.startswith("blimp_") and not name.startswith("blimp_offline"):
+            resolved.append("blimp_offline_" + name[len("blimp_"):])
+        else:
+            resolved.append(name)
+    return list(dict.fromkeys(resolved))
+
+
+def task_manager(evals_dir: str | None = None, tasks: list[str] | None = None):
+    """lm-eval TaskManager over our offline task directory; lm-eval's ~15k built-in task configs are
+    indexed too (tens of seconds) only when `tasks` names one that is not ours."""
+    from lm_eval.tasks import TaskManager
+
+    from .lm_eval_cli import TASKS_DIR
+
+    metadata = {"evals_dir": str(evals_dir)} if evals_dir else None
+    local = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    known = set(local.match_tasks(tasks or []))
+    ours = [t for t in tasks or [] if t.startswith(tuple(OFFLINE_TASKS.values())) and t not in known]
+    if ours:  # our namespace: no need to index lm-eval's tasks to know these do not exist
+        check_tasks(local, tasks)
+    if tasks is None or known >= set(tasks):
+        return local
+    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+
+
+def check_tasks(manager, tasks: list[str]) -> None:
+    known = set(manager.match_tasks(tasks))
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise SmallTalkError(f"unknown lm-eval task(s) {unknown}; local ones are blimp, hellaswag, gsm8k, "
+                             "blimp_<paradigm> (see `python -m smalltalk.evaluation.lm_eval_cli ls tasks`)")
+
+
+def primary_metric(task: str, metrics: dict) -> str | None:
+    for family, key in PRIMARY_METRICS:
+        if family in task and key in metrics:
+            return key
+    return None
+
+
+def evaluate_side(cfg: DownstreamConfig, side: str, tasks: list[str], manager) -> dict:
+    """Run lm-eval for one side; returns {"results", "groups", "group_subtasks", "n_samples", "routing", ...}."""
+    from lm_eval import simple_evaluate
+
+    from .lm_eval_model import SmallTalkLM
+
+    kwargs = ({"bundle": cfg.bundle, "prefix_len": cfg.prefix_len, "empty_context": cfg.empty_context}
+              if side == "mixture" else {"model": cfg.dense})
+    start = time.time()
+    lm = SmallTalkLM(**kwargs, batch_size=cfg.batch_size, device=cfg.device, max_gen_toks=cfg.max_gen_toks,
+                     seed=cfg.seed)
+    out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                          task_manager=manager, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                          torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed, log_samples=False)
+    result = {
+        "model": lm.get_model_info(),
+        "results": out["results"],
+        "groups": out.get("groups", {}),
+        "group_subtasks": out.get("group_subtasks", {}),
+        "n_samples": out.get("n-samples", {}),
+        "configs": out.get("configs", {}),
+        "routing": {task: {int(e): n for e, n in sorted(c.items())} for task, c in lm.routing_counts.items()},
+        "seconds": round(time.time() - start, 2),
+    }
+    del lm
+    gc.collect()
+    return json.loads(json.dumps(result, default=_plain))  # numpy scalars -> plain JSON numbers
+
+
+def _plain(value: Any):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def leaf_tasks(side: dict) -> list[str]:
+    groups = set(side["group_subtasks"])
+    return [t for t in side["results"] if t not in groups]
+
+
+def compare(sides: dict[str, dict]) -> dict:
+    """Rows, BLiMP summary, win rate and routing breakdown from the per-side lm-eval outputs."""
+    present = [s for s in SIDES if s in sides]
+    tasks = list(dict.fromkeys(t for s in present for t in leaf_tasks(sides[s])))
+    rows = []
+    for task in tasks:
+        row: dict[str, Any] = {"task": task, "metric": None, "n": None}
+        for s in present:
+            metrics = sides[s]["results"].get(task, {})
+            key = row["metric"] or primary_metric(task, metrics)
+            row["metric"] = key
+            if key is None or key not in metrics:
+                row[s], row[f"{s}_stderr"] = None, None
+                continue
+            name, _, filt = key.partition(",")
+            row[s] = float(metrics[key])
+            stderr = metrics.get(f"{name}_stderr,{filt}")
+            row[f"{s}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
+            row["n"] = (sides[s]["n_samples"].get(task) or {}).get("effective", row["n"])
+        row["winner"] = _winner(row.get("mixture"), row.get("dense"))
+        rows.append(row)
+    summary = _win_summary(rows)
+    blimp_rows = [r for r in rows if r["task"].startswith("blimp")]
+    blimp = None
+    if blimp_rows:
+        blimp = {"paradigms": len(blimp_rows), **_win_summary(blimp_rows)}
+        for s in present:
+            values = [r[s] for r in blimp_rows if r.get(s) is not None]
+            blimp[f"{s}_mean"] = sum(values) / len(values) if values else None
+    routing = _routing_table(sides.get("mixture"))
+    return {"rows": rows, "summary": summary, "blimp": blimp, "routing": routing}
+
+
+def _winner(mixture: float | None, dense: float | None) -> str | None:
+    if mixture is None or dense is None:
+        return None
+    a, b = round(mixture, TIE_DECIMALS), round(dense, TIE_DECIMALS)
+    return "tie" if a == b else ("mixture" if a > b else "dense")
+
+
+def _win_summary(rows: list[dict]) -> dict:
+    counts = Counter(r["winner"] for r in rows if r["winner"] is not None)
+    n = sum(counts.values())
+    return {"tasks": n, "mixture_better": counts["mixture"], "ties": counts["tie"], "dense_better": counts["dense"],
+            "better_or_equal_rate": (counts["mixture"] + counts["tie"]) / n if n else None}
+
+
+def _routing_table(mixture: dict | None) -> dict | None:
+    """Requests per expert for each task, plus all BLiMP paradigms together."""
+    if mixture is None:
+        return None
+    per_task = {t: {str(e): n for e, n in c.items()} for t, c in mixture["routing"].items()}
+    blimp = Counter()
+    for t, c in per_task.items():
+        if t.startswith("blimp"):
+            blimp.update(c)
+    if sum(t.startswith("blimp") for t in per_task) > 1:
+        per_task["blimp (all paradigms)"] = dict(sorted(blimp.items(), key=lambda kv: int(kv[0])))
+    return {"num_experts": mixture["model"]["smalltalk"]["num_experts"], "requests": per_task}
+
+
+def display_task(task: str) -> str:
+    """lm-eval task name -> table label: blimp_offline_<p> -> blimp/<p>, hellaswag_offline -> hellaswag."""
+    if task.startswith("blimp_offline_"):
+        return "blimp/" + task[len("blimp_offline_"):]
+    return task.removesuffix("_offline")
+
+
+def display_metric(key: str | None) -> str:
+    if key is None:
+        return "-"
+    name, _, filt = key.partition(",")
+    return name if filt in ("", "none") else f"{name} ({filt})"
+
+
+def _fmt(value: float | None, stderr: float | None, bold: bool) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4f}"
+    text = f"**{text}**" if bold else text
+    return f"{text} ± {stderr:.4f}" if stderr is not None else text
+
+
+def to_markdown(report: dict) -> str:
+    cfg, cmp_ = report["config"], report["comparison"]
+    num_experts = (cmp_["routing"] or {}).get("num_experts")
+    head_mix = f"mixture ({num_experts} experts)" if num_experts else "mixture"
+    lines = ["## Downstream evaluation: mixture vs dense", "",
+             f"lm-eval {report['lm_eval_version']}, zero-shot unless stated, limit {cfg['limit'] or 'none'} items "
+             f"per task, routing prefix {report.get('prefix_len')} tokens, empty contexts (BLiMP) routed by "
+             f"{'the scored sentence' if cfg.get('empty_context', 'sequence') == 'sequence' else 'the fallback expert'}. "
+             "Value ± stderr; the better one in bold, ties both bold.", ""]
+    s = cmp_["summary"]
+    if s["tasks"]:
+        lines += [f"**Mixture better or equal on {s['mixture_better'] + s['ties']} of {s['tasks']} tasks "
+                  f"({100 * s['better_or_equal_rate']:.0f}%)**: {s['mixture_better']} better, {s['ties']} ties, "
+                  f"{s['dense_better']} worse (paper: 75%).", ""]
+    if cmp_["blimp"]:
+        b = cmp_["blimp"]
+        means = ", ".join(f"{side} {b[f'{side}_mean']:.4f}" for side in SIDES if b.get(f"{side}_mean") is not None)
+        lines += [f"BLiMP ({b['paradigms']} paradigm{'s' if b['paradigms'] > 1 else ''}): mean accuracy {means}; mixture better or equal on "
+                  f"{b['mixture_better'] + b['ties']} of {b['tasks']} paradigms.", ""]
+    lines += [f"| task | metric | {head_mix} | dense | winner | n |", "|---|---|---:|---:|---|---:|"]
+    for r in cmp_["rows"]:
+        w = r["winner"]
+        mix = _fmt(r.get("mixture"), r.get("mixture_stderr"), w in ("mixture", "tie"))
+        den = _fmt(r.get("dense"), r.get("dense_stderr"), w in ("dense", "tie"))
+        lines.append(f"| {display_task(r['task'])} | {display_metric(r['metric'])} | {mix} | {den} | {w or '-'} | "
+                     f"{r['n'] if r['n'] is not None else '-'} |")
+    routing = cmp_["routing"]
+    if routing:
+        E = routing["num_experts"]
+        lines += ["", "### Routing: requests per expert", "",
+                  "| task | " + " | ".join(f"expert {e}" for e in range(E)) + " |",
+                  "|---|" + "---:|" * E]
+        for task, counts in routing["requests"].items():
+            task = display_task(task)
+            total = sum(counts.values()) or 1
+            cells = [f"{counts.get(str(e), 0)} ({100 * counts.get(str(e), 0) / total:.0f}%)" for e in range(E)]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_downstream(cfg: DownstreamConfig) -> dict:
+    """Evaluate both sides, compare, and write the report files into ``cfg.out`` (when set)."""
+    import lm_eval
+
+    if not cfg.online:
+        # The local tasks never need the network; make sure nothing else in lm-eval / datasets tries.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tasks = resolve_tasks(cfg.tasks, cfg.online)
+    manager = task_manager(cfg.evals_dir, tasks)
+    check_tasks(manager, tasks)
+    if not cfg.online and cfg.evals_dir is None:
+        from .task_data import resolve_evals_dir
+
+        resolve_evals_dir()  # fail now with a clear message, not inside lm-eval
+    sides = {}
+    for side, path in (("mixture", cfg.bundle), ("dense", cfg.dense)):
+        if path is not None:
+            sides[side] = evaluate_side(cfg, side, tasks, manager)
+    mixture_info = sides.get("mixture", {}).get("model", {}).get("smalltalk", {})
+    report = {
+        "config": asdict(cfg),
+        "lm_eval_tasks": tasks,
+        "lm_eval_version": lm_eval.__version__,
+        "prefix_len": mixture_info.get("prefix_len"),
+        "comparison": compare(sides),
+        "seconds": {side: sides[side]["seconds"] for side in sides},
+        "loadavg": list(os.getloadavg()),
+    }
+    if cfg.out:
+        out = Path(cfg.out)
+        for side, data in sides.items():
+            atomic_write_json(out / f"lm_eval_{side}.json", data)
+        atomic_write_json(out / "downstream.json", report)
+        markdown = to_markdown(report)
+        atomic_write_text(out / "downstream.md", markdown)
+        if cfg.run_dir is not None:
+            update_report(Path(cfg.run_dir) / "report.md", markdown)
+    return report
+
+
+def update_report(report: Path, markdown: str) -> None:
+    """Put `markdown` into the run report between the downstream markers (appended the first time)."""
+    section = f"{REPORT_BEGIN}\n{markdown.rstrip()}\n{REPORT_END}\n"
+    text = report.read_text(encoding="utf-8") if report.is_file() else ""
+    if REPORT_BEGIN in text and REPORT_END in text:
+        head, _, rest = text.partition(REPORT_BEGIN)
+        text = head + section + rest.partition(REPORT_END)[2].lstrip("\n")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + section
+    atomic_write_text(report, text)
