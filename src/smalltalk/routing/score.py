@@ -1,0 +1,199 @@
+"""Prefix log-likelihood of sequences under E router language models (paper Eq. 7-9).
+
+The score of sequence x under router e is ``log p(x_{1:M} | theta^{r,e}) = sum_{s=1}^{M-1} log p(x_{s+1} | x_{1:s})``
+(the negative of Eq. 9), and routing takes the argmax over e (Eq. 7, uniform expert priors).
+
+All E routers run in one batched computation: their weights are stacked along a leading expert
+dimension and every linear layer becomes one ``bmm`` over (E, rows, in) x (E, in, out); attention folds
+E into the batch of a single SDPA call. This replaces E small forward passes (one per router) by one
+pass of E-times-larger kernels. The forward here mirrors ``model.transformer.Transformer`` op for op
+(pre-LN blocks, fused QKV viewed per head, rotary, causal SDPA, GELU MLP, tied head); a test checks it
+against a plain loop over the routers so the two cannot drift apart.
+
+The output head (H x V per router) dominates the FLOPs of a small router, and its logits are by far
+the largest tensor (E x rows x V); rows are processed in chunks so that tensor stays cache-sized and
+memory stays bounded no matter how many sequences are scored.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import SmallTalkError
+from ..model.config import ModelConfig
+from ..model.transformer import Transformer, apply_rotary
+
+# Bytes allowed for one chunk of head logits (E, rows, V) in fp32: large enough for efficient bmm,
+# small enough to stay near the CPU's last-level cache.
+HEAD_CHUNK_BYTES = 16 * 2**20
+MIN_HEAD_ROWS = 16
+
+
+def check_prefix_len(prefix_len: int, seq_len: int, max_seq_len: int | None = None, where: str = "prefix_len") -> None:
+    """M must predict at least one token and fit both the data's sequences and the routers' context."""
+    if not isinstance(prefix_len, int) or prefix_len < 2:
+        raise SmallTalkError(f"{where}={prefix_len!r} must be an integer >= 2 (the prefix predicts tokens 2..M)")
+    if prefix_len > seq_len:
+        raise SmallTalkError(f"{where}={prefix_len} is longer than the data's sequences (seq_len={seq_len}); "
+                             f"use a prefix of at most {seq_len} tokens")
+    if max_seq_len is not None and prefix_len > max_seq_len:
+        raise SmallTalkError(f"{where}={prefix_len} is longer than the routers' context ({max_seq_len}); "
+                             "use a shorter prefix or routers with a longer max_seq_len")
+
+
+class StackedRouters:
+    """The weights of E routers with the same config, stacked for one batched forward.
+
+    Linear weights are stored pre-transposed as (E, in, out) so each layer is one ``baddbmm``.
+    """
+
+    def __init__(self, models: Sequence[Transformer], device: str | torch.device | None = None):
+        if len(models) == 0:
+            raise SmallTalkError("no routers given to score with")
+        configs = {tuple(sorted(m.config.to_dict().items())) for m in models}
+        if len(configs) != 1:
+            raise SmallTalkError("routers have different model configs; all E routers must share one preset")
+        self.config: ModelConfig = models[0].config
+        self.num_routers = len(models)
+        device = torch.device(device) if device is not None else next(models[0].parameters()).device
+        self.device = device
+        states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+
+        def stack(key: str, transpose: bool = False) -> torch.Tensor:
+            t = torch.stack([s[key] for s in states]).to(device=device, dtype=torch.float32)
+            return t.transpose(-1, -2).contiguous() if transpose else t.contiguous()
+
+        self.embed = stack("embed_in.weight")  # (E, V, H)
+        head_key = "embed_in.weight" if self.config.tie_embeddings else "embed_out.weight"
+        self.head_t = stack(head_key, transpose=True)  # (E, H, V)
+        self.final_ln = (stack("final_layer_norm.weight"), stack("final_layer_norm.bias"))  # (E, H) each
+        self.layers = []
+        for i in range(self.config.num_layers):
+            p = f"layers.{i}."
+            self.layers.append({
+                "ln1": (stack(p + "input_layernorm.weight"), stack(p + "input_layernorm.bias")),
+                "qkv": (stack(p + "attention.query_key_value.weight", True),
+                        stack(p + "attention.query_key_value.bias")),
+                "out": (stack(p + "attention.dense.weight", True), stack(p + "attention.dense.bias")),
+                "ln2": (stack(p + "post_attention_layernorm.weight"), stack(p + "post_attention_layernorm.bias")),
+                "up": (stack(p + "mlp.dense_h_to_4h.weight", True), stack(p + "mlp.dense_h_to_4h.bias")),
+                "down": (stack(p + "mlp.dense_4h_to_h.weight", True), stack(p + "mlp.dense_4h_to_h.bias")),
+            })
+        self.rope_cos = models[0].rope_cos.to(device=device, dtype=torch.float32)
+        self.rope_sin = models[0].rope_sin.to(device=device, dtype=torch.float32)
+
+    def _layer_norm(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (E, R, H); per-router affine (E, H)."""
+        x = F.layer_norm(x, (x.shape[-1],), eps=self.config.layer_norm_eps)
+        return torch.addcmul(wb[1][:, None, :], x, wb[0][:, None, :])
+
+    @staticmethod
+    def _linear(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (E, R, in) @ (E, in, out) + (E, out) -> (E, R, out)."""
+        return torch.baddbmm(wb[1][:, None, :], x, wb[0])
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> final-LayerNorm hidden states (E, B, T, H) of every router."""
+        cfg = self.config
+        B, T = idx.shape
+        E, H, A, D = self.num_routers, cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        if T > cfg.max_seq_len:
+            raise SmallTalkError(f"prefix of {T} tokens is longer than the routers' context ({cfg.max_seq_len})")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed[:, idx.reshape(-1)]  # (E, B*T, H)
+        for layer in self.layers:
+            qkv = self._linear(self._layer_norm(x, layer["ln1"]), layer["qkv"])  # (E, B*T, 3H)
+            qkv = qkv.view(E * B, T, A, 3 * D).transpose(1, 2)  # (E*B, A, T, 3D)
+            q, k, v = qkv.chunk(3, dim=-1)  # each (E*B, A, T, D)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (E*B, A, T, D)
+            y = y.transpose(1, 2).reshape(E, B * T, H)
+            x = x + self._linear(y, layer["out"])
+            h = F.gelu(self._linear(self._layer_norm(x, layer["ln2"]), layer["up"]))  # (E, B*T, 4H)
+            x = x + self._linear(h, layer["down"])
+        return self._layer_norm(x, self.final_ln).view(E, B, T, H)
+
+    def token_log_probs(self, idx: torch.Tensor, head_chunk_bytes: int | None = None) -> torch.Tensor:
+        """idx (B, T) -> log p(idx[:, s+1] | idx[:, :s+1]) under every router: (E, B, T-1) fp32."""
+        E, V = self.num_routers, self.config.vocab_size
+        B, T = idx.shape
+        hidden = self.hidden_states(idx)[:, :, :-1].reshape(E, B * (T - 1), -1)  # (E, R, H), R = B*(T-1)
+        targets = idx[:, 1:].reshape(-1)  # (R,)
+        out = torch.empty(E, B * (T - 1), dtype=torch.float32, device=idx.device)
+        # At least a few rows per router so each bmm is still an efficient matmul when E * V is large.
+        rows = max(MIN_HEAD_ROWS, (head_chunk_bytes or HEAD_CHUNK_BYTES) // (4 * E * V))
+        for r0 in range(0, hidden.shape[1], rows):
+            r1 = min(r0 + rows, hidden.shape[1])
+            logits = torch.bmm(hidden[:, r0:r1], self.head_t)  # (E, r, V)
+            # Fused log-softmax + gather: fewer passes over the logits than logsumexp + gather.
+            nll = F.cross_entropy(logits.view(-1, V), targets[None, r0:r1].expand(E, -1).reshape(-1),
+                                  reduction="none")  # (E * r,)
+            out[:, r0:r1] = -nll.view(E, r1 - r0)
+        return out.view(E, B, T - 1)
+
+
+@torch.no_grad()
+def prefix_scores(routers: StackedRouters | Sequence[Transformer], tokens: np.ndarray | torch.Tensor,
+                  prefix_len: int, batch_size: int = 16) -> np.ndarray:
+    """(N, E) float32 log-likelihood of each sequence's first `prefix_len` tokens under each router.
+
+    `tokens` (N, >= prefix_len) int token ids; only the prefix is read. Batches of `batch_size`
+    sequences bound memory; all routers run together on each batch.
+    """
+    stacked = routers if isinstance(routers, StackedRouters) else StackedRouters(list(routers))
+    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+    if tokens.ndim != 2:
+        raise SmallTalkError(f"tokens must be (num_seqs, seq_len), got shape {tuple(tokens.shape)}")
+    check_prefix_len(prefix_len, tokens.shape[1], stacked.config.max_seq_len)
+    N = tokens.shape[0]
+    scores = np.empty((N, stacked.num_routers), dtype=np.float32)
+    for b0 in range(0, N, batch_size):
+        idx = tokens[b0:b0 + batch_size, :prefix_len].to(device=stacked.device, dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= stacked.config.vocab_size):
+            raise SmallTalkError(f"token id {int(idx.max())} out of range for the routers' vocabulary "
+                                 f"({stacked.config.vocab_size}); routers and data use different tokenizers")
+        scores[b0:b0 + len(idx)] = stacked.token_log_probs(idx).sum(-1).T.cpu().numpy()  # (B, E)
+    return scores
+
+
+@torch.no_grad()
+def prefix_scores_loop(models: Sequence[Transformer], tokens: np.ndarray | torch.Tensor, prefix_len: int,
+                       batch_size: int = 16) -> np.ndarray:
+    """Reference: one plain ``Transformer.forward`` per router and batch, full logits + cross-entropy.
+    Same result as `prefix_scores` (up to float rounding); used by tests and the benchmark."""
+    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+    N = tokens.shape[0]
+    scores = np.empty((N, len(models)), dtype=np.float32)
+    for e, model in enumerate(models):
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        for b0 in range(0, N, batch_size):
+            idx = tokens[b0:b0 + batch_size, :prefix_len].to(device=device, dtype=torch.long)
+            logits = model(idx)[:, :-1].float()  # (B, M-1, V)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1), reduction="none")
+            scores[b0:b0 + len(idx), e] = (-nll.view(len(idx), -1).sum(-1)).cpu().numpy()
+        model.train(was_training)
+    return scores
+
+
+def score_dataset(routers: StackedRouters, dataset, indices: np.ndarray, prefix_len: int, batch_size: int = 32,
+                  read_batch: int = 4096) -> np.ndarray:
+    """(len(indices), E) prefix scores of the sequences `indices` of a TokenDataset, reading `read_batch`
+    sequences at a time so memory stays bounded however many are scored."""
+    check_prefix_len(prefix_len, dataset.seq_len, routers.config.max_seq_len)
+    indices = np.asarray(indices, dtype=np.int64)
+    out = np.empty((len(indices), routers.num_routers), dtype=np.float32)
+    for r0 in range(0, len(indices), read_batch):
+        tokens = dataset.get(indices[r0:r0 + read_batch])[:, :prefix_len]  # (b, M) int64
+        out[r0:r0 + len(tokens)] = prefix_scores(routers, tokens, prefix_len, batch_size=batch_size)
+    return out
+
+
+def mean_prefix_nll(scores: np.ndarray, prefix_len: int) -> np.ndarray:
+    """Per-token prefix NLL (nats) from summed log-likelihood scores: -score / (M - 1)."""
+    return -np.asarray(scores, dtype=np.float64) / max(1, prefix_len - 1)

@@ -1,0 +1,216 @@
+"""Shard a token dataset into E expert datasets with trained routers (paper Algorithm 1 lines 12-13).
+
+The split is cut into consecutive chunks of `chunk_size` sequences; each chunk is scored by all E
+routers on its M-token prefixes and balanced-assigned exactly as during router training, and its
+sequences are appended (in their original order, with their domain ids) to the experts' datasets.
+Chunks are independent, so workers under torchrun take chunks ``c % world_size == rank`` with no
+communication, memory is bounded by one chunk, and an interrupted run resumes chunk by chunk.
+
+Output (``<out>/``)::
+
+    manifest.json                       counts per expert and per domain, router + tokenizer sha256
+    shard_config.json                   what the shards were made from (checked when resuming)
+    expert_{e}/manifest.json            a prepared-data manifest: `smalltalk train --data <out>/expert_{e}`
+    expert_{e}/tokenizer.json
+    expert_{e}/<split>/shard_{c:05d}.bin  the sequences of chunk c routed to expert e
+    work/<split>_chunk_{c:06d}.json     chunk c is complete (counts), written after its shards
+    work/<split>_assign_{c:06d}.npy     expert of every sequence of chunk c (int16), for analysis
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..data.shards import ShardWriter
+from ..errors import SmallTalkError
+from ..io import atomic_open, atomic_write_bytes, atomic_write_json, read_json
+from ..model.io import sha256_file
+from .analysis import contingency
+from .assign import balanced_assignment, segment_sizes
+from .distributed import Workers, init_workers
+from .em import load_routers
+from .score import StackedRouters, check_prefix_len, score_dataset
+
+MANIFEST_FORMAT = "smalltalk-expert-shards"
+
+
+def data_tokenizer_sha256(data_dir: Path, manifest: dict) -> str | None:
+    """The identity models record for a data directory's tokenizer: sha256 of its file (as train/evaluate.py)."""
+    tok = manifest.get("tokenizer", {}) or {}
+    path = data_dir / tok.get("file", "tokenizer.json")
+    return sha256_file(path) if path.is_file() else tok.get("sha256")
+
+
+def _chunk_done(work: Path, split: str, c: int) -> Path:
+    return work / f"{split}_chunk_{c:06d}.json"
+
+
+def shard_dataset(data_dir: str | Path, routers: str | Path, out: str | Path, *, chunk_size: int | None = None,
+                  splits: Sequence[str] = ("train",), batch_size: int = 32, device: str = "cpu",
+                  workers: Workers | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Route every sequence of `splits` to one of the E experts; returns the output manifest (see module doc).
+
+    `chunk_size` defaults to the N sequences per iteration the routers were trained with.
+    """
+    from ..train.evaluate import load_split
+
+    t_start = time.perf_counter()
+    workers = workers or init_workers(device)
+    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = say if workers.is_main else (lambda msg: None)
+    data_dir, routers, out = Path(data_dir), Path(routers), Path(out)
+
+    data_manifest = read_json(data_dir / "manifest.json")
+    models, rmanifest = load_routers(routers, device=str(workers.device))
+    E, M = int(rmanifest["num_experts"]), int(rmanifest["prefix_len"])
+    data_sha = data_tokenizer_sha256(data_dir, data_manifest)
+    if data_sha != rmanifest.get("tokenizer_sha256"):
+        raise SmallTalkError(f"{routers}: routers were trained with tokenizer sha256 "
+                             f"{str(rmanifest.get('tokenizer_sha256'))[:12]}, but {data_dir} uses "
+                             f"{str(data_sha)[:12]}; shard data prepared with the routers' tokenizer, or train "
+                             "routers on this data")
+    chunk_size = int(chunk_size or rmanifest["em"].get("num_seqs_resolved") or 4096)
+    if chunk_size < E:
+        raise SmallTalkError(f"chunk_size={chunk_size} is smaller than the {E} experts: balanced assignment could "
+                             "leave experts empty; use --chunk-size >= --num-experts")
+    domain_names = list(data_manifest.get("domains") or [])
+    router_weights = [r["weights_sha256"] for r in rmanifest["routers"]]
+    settings = {"data_dir": str(data_dir.resolve()), "routers_dir": str(routers.resolve()),
+                "routers_sha256": hashlib.sha256("".join(router_weights).encode()).hexdigest(),
+                "tokenizer_sha256": data_sha, "num_experts": E, "prefix_len": M, "chunk_size": chunk_size,
+                "splits": list(splits)}
+    cfg_path = out / "shard_config.json"
+    if cfg_path.exists():
+        saved = read_json(cfg_path)
+        changed = sorted(k for k in settings if k not in ("data_dir", "routers_dir") and saved.get(k) != settings[k])
+        if changed:
+            raise SmallTalkError(f"{cfg_path}: {out} holds shards made with other settings ({', '.join(changed)}); "
+                                 "use a new --out or delete it")
+    elif workers.is_main:
+        atomic_write_json(cfg_path, settings)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+
+    stacked = StackedRouters(models, device=workers.device)
+    del models
+    for split in splits:
+        ds = load_split(data_dir, split).dataset
+        check_prefix_len(M, ds.seq_len, stacked.config.max_seq_len, where="routers' prefix_len")
+        num_chunks = -(-len(ds) // chunk_size)
+        mine = range(workers.rank, num_chunks, workers.world_size)  # chunk c belongs to rank c % world_size
+        todo = [c for c in mine if not _chunk_done(work, split, c).exists()]
+        say(f"shard {split}: {len(ds)} sequences in {num_chunks} chunks of {chunk_size} over "
+            f"{workers.world_size} worker(s); {len(todo)} chunks to do on worker 0")
+        for c in todo:
+            counts = _shard_chunk(stacked, ds, split, c, chunk_size, M, batch_size, out, len(domain_names))
+            say(f"shard {split}: chunk {c + 1}/{num_chunks} -> {counts}")
+    workers.barrier()
+    manifest = None
+    if workers.is_main:
+        manifest = _write_manifests(out, data_dir, data_manifest, rmanifest, routers, settings, domain_names,
+                                    time.perf_counter() - t_start)
+    workers.barrier()
+    return manifest if manifest is not None else read_json(out / "manifest.json")
+
+
+def _shard_chunk(stacked: StackedRouters, ds, split: str, c: int, chunk_size: int, prefix_len: int, batch_size: int,
+                 out: Path, num_domains: int) -> list[int]:
+    """Score, balance-assign and write chunk c of a split (Alg. 1 lines 12-13); the marker file is written last."""
+    t0 = time.perf_counter()
+    E = stacked.num_routers
+    idx = np.arange(c * chunk_size, min((c + 1) * chunk_size, len(ds)), dtype=np.int64)  # (n,)
+    assignment = balanced_assignment(score_dataset(stacked, ds, idx, prefix_len, batch_size))  # (n,)
+    domains = ds.domains(idx)  # carried along into the expert shards (analysis metadata, not used to route)
+    for e in range(E):
+        mine = assignment == e
+        if mine.any():  # original order kept; shard_{c} in every expert directory holds chunk c
+            writer = ShardWriter(out / f"expert_{e}" / split, ds.seq_len, ds.vocab_size, seqs_per_shard=chunk_size,
+                                 start_shard=c)
+            writer.add(ds.get(idx[mine]), domains[mine])
+            writer.close()
+    with atomic_open(out / "work" / f"{split}_assign_{c:06d}.npy", "wb") as f:
+        np.save(f, assignment.astype(np.int16))
+    counts = segment_sizes(assignment, E).tolist()
+    atomic_write_json(_chunk_done(out / "work", split, c), {
+        "chunk": c, "first": int(idx[0]), "num_seqs": len(idx), "counts": counts,
+        "domain_counts": contingency(assignment, domains, E, max(1, num_domains)).tolist(),
+        "seconds": time.perf_counter() - t0})
+    return counts
+
+
+def _write_manifests(out: Path, data_dir: Path, data_manifest: dict, rmanifest: dict, routers: Path, settings: dict,
+                     domain_names: list[str], elapsed: float) -> dict:
+    E = settings["num_experts"]
+    tok_info = dict(data_manifest.get("tokenizer", {}) or {})
+    tok_file = data_dir / tok_info.get("file", "tokenizer.json")
+    seq_len, vocab = int(data_manifest["seq_len"]), int(data_manifest["vocab_size"])
+    splits_out: dict[str, Any] = {}
+    per_expert: list[dict[str, Any]] = [{} for _ in range(E)]
+    for split in settings["splits"]:
+        src = data_manifest["splits"][split]
+        num_chunks = -(-int(src["num_seqs"]) // settings["chunk_size"])
+        counts = np.zeros(E, dtype=np.int64)
+        dom = np.zeros((E, max(1, len(domain_names))), dtype=np.int64)
+        for c in range(num_chunks):
+            path = _chunk_done(out / "work", split, c)
+            if not path.exists():
+                raise SmallTalkError(f"{path}: chunk {c} of split {split!r} is missing after all workers finished; "
+                                     "re-run the same command to complete it")
+            rec = read_json(path)
+            counts += np.asarray(rec["counts"])
+            dom += np.asarray(rec["domain_counts"])
+        if int(counts.sum()) != int(src["num_seqs"]):
+            raise SmallTalkError(f"{out}: split {split!r} has {int(counts.sum())} sharded sequences but the data has "
+                                 f"{src['num_seqs']}; delete {out} and shard again")
+        splits_out[split] = {"num_seqs": int(counts.sum()), "num_chunks": num_chunks,
+                             "counts": counts.tolist(),
+                             "domain_counts": [{d: int(dom[e, i]) for i, d in enumerate(domain_names)}
+                                               for e in range(E)]}
+        src_bytes = src.get("num_bytes")
+        for e in range(E):
+            files = sorted((out / f"expert_{e}" / split).glob("shard_*.bin"))
+            per_expert[e][split] = {
+                "shards": [{"file": f"{split}/{p.name}", "num_seqs": _num_seqs(p)} for p in files],
+                "num_seqs": int(counts[e]), "num_tokens": int(counts[e]) * seq_len,
+                "num_documents": None,
+                # Bytes are only known per split: apportioned by sequence count (approximate, for bits per byte).
+                "num_bytes": int(round(src_bytes * counts[e] / max(1, int(src["num_seqs"])))) if src_bytes else None,
+                "domain_counts": {d: int(dom[e, i]) for i, d in enumerate(domain_names)},
+            }
+    experts = []
+    for e in range(E):
+        edir = out / f"expert_{e}"
+        edir.mkdir(parents=True, exist_ok=True)
+        if tok_file.is_file():
+            atomic_write_bytes(edir / tok_file.name, tok_file.read_bytes())
+        atomic_write_json(edir / "manifest.json", {
+            "format": data_manifest.get("format", "smalltalk-tokens"), "version": data_manifest.get("version", 1),
+            "seq_len": seq_len, "vocab_size": vocab, "token_dtype": data_manifest.get("token_dtype"),
+            "tokenizer": tok_info, "domains": domain_names, "splits": per_expert[e],
+            "sources": [{"sharded_from": str(data_dir.resolve()), "expert": e}],
+            "config": {"shard": settings}, "stats": {},
+        })
+        experts.append({"dir": edir.name, **{s: per_expert[e][s]["num_seqs"] for s in settings["splits"]}})
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": 1, "num_experts": E, "prefix_len": settings["prefix_len"],
+        "chunk_size": settings["chunk_size"], "experts": experts, "splits": splits_out, "domains": domain_names,
+        "routers": {"dir": str(routers.resolve()),
+                    "weights_sha256": [r["weights_sha256"] for r in rmanifest["routers"]],
+                    "manifest_sha256": sha256_file(routers / "manifest.json")},
+        "tokenizer_sha256": settings["tokenizer_sha256"], "data_dir": settings["data_dir"],
+        "elapsed_s": elapsed,
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _num_seqs(path: Path) -> int:
+    from ..data.shards import read_header
+
+    return read_header(path).num_seqs
