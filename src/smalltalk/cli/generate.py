@@ -46,6 +46,10 @@ def run(args) -> int:
     import torch
 
     from ..model.generate import generate
+    from .route import generate_from_bundle, is_bundle_path
+
+    if is_bundle_path(args.model_dir):  # a mixture bundle: route the prompt, then its expert generates
+        return generate_from_bundle(args)
 
     device = args.device
     if device == "auto":

@@ -123,6 +123,8 @@ PRESETS: dict[str, ModelConfig] = {
                               name="cpu-router"),
     "cpu-small": ModelConfig(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, max_seq_len=256,
                              name="cpu-small"),
+    # Capacity-starved experts and routers of the `smalltalk run --config tiny` quickstart mixture.
+    "micro": ModelConfig(vocab_size=512, hidden_size=16, num_layers=1, num_heads=2, max_seq_len=128, name="micro"),
 }
 
 

@@ -1,0 +1,94 @@
+"""A finished run directory (`smalltalk run`) as the analyses see it: where its models and data are,
+its config, its training partition, and its test scores (cached)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SmallTalkError
+from ..io import read_json
+from ..mixture.layout import RunLayout
+from .output import ANALYSIS_DIR
+from .scores import CACHE_DIR, TestScores, score_models
+
+
+@dataclass
+class RunView:
+    root: Path
+    layout: RunLayout
+    config: object
+    """The run's resolved `smalltalk.mixture.config.RunConfig`."""
+    expert_dirs: list[Path]
+    dense_dir: Path | None
+    routers_dir: Path | None
+    """None for a derived run whose routing is not by router LMs (TF-IDF, random shards)."""
+    data_dir: Path
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_dirs)
+
+    @property
+    def prefix_len(self) -> int:
+        """M: the prefix the partition was trained with."""
+        return int(self.config.prefix_len)
+
+    @property
+    def seq_len(self) -> int:
+        return int(read_json(self.data_dir / "manifest.json")["seq_len"])
+
+    @property
+    def label(self) -> str:
+        return str(self.config.name)
+
+    def scores(self, *, split: str = "test", max_seqs: int = 0, batch_size: int = 16, device: str = "auto",
+               log=None) -> TestScores:
+        return score_models(self.expert_dirs, self.dense_dir, self.data_dir, split=split, max_seqs=max_seqs,
+                            batch_size=batch_size, device=device, cache_dir=self.root / ANALYSIS_DIR / CACHE_DIR,
+                            log=log)
+
+    def train_assignment(self) -> np.ndarray:
+        """(num_train_seqs,) expert of every training sequence, from the shards' per-chunk assignment files."""
+        return load_train_assignment(self.layout.shards)
+
+    def domain_names(self) -> list[str]:
+        return list(read_json(self.data_dir / "manifest.json").get("domains") or [])
+
+
+def _model_dir(layout: RunLayout, k: int) -> Path:
+    # The bundle holds the experts that are served; the trainer's model/ is the same weights, hard-linked.
+    bundled = layout.bundle / "experts" / f"expert_{k}"
+    return bundled if (bundled / "model.safetensors").is_file() else layout.expert(k) / "model"
+
+
+def open_run(run_dir: str | Path, *, need_experts: bool = True) -> RunView:
+    """A run directory written by `smalltalk run` (at least through the experts and dense stages)."""
+    from ..mixture.experts import load_run_config
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise SmallTalkError(f"--run {root}: no such directory; pass a run directory written by `smalltalk run`")
+    cfg = load_run_config(root)
+    layout = RunLayout(root)
+    if not (layout.data / "manifest.json").is_file():
+        raise SmallTalkError(f"{layout.data / 'manifest.json'}: not found; the run has no prepared data yet "
+                             "(run `smalltalk run` first)")
+    experts = [_model_dir(layout, k) for k in range(cfg.num_experts)]
+    missing = [str(d) for d in experts if not (d / "model.safetensors").is_file()]
+    if need_experts and missing:
+        raise SmallTalkError(f"{missing[0]}: expert weights not found; train the experts first (`smalltalk run "
+                             "--config ... --out RUN_DIR`, or for a baseline `smalltalk analyze` without --no-train)")
+    dense = layout.dense / "model"
+    routers = layout.routers if (layout.routers / "manifest.json").is_file() else None
+    return RunView(root, layout, cfg, experts, dense if (dense / "model.safetensors").is_file() else None,
+                   routers, layout.data)
+
+
+def load_train_assignment(shards_dir: Path, split: str = "train") -> np.ndarray:
+    files = sorted((Path(shards_dir) / "work").glob(f"{split}_assign_*.npy"))
+    if not files:
+        raise SmallTalkError(f"{Path(shards_dir) / 'work'}: no {split}_assign_*.npy files; shard the data first")
+    return np.concatenate([np.load(f).astype(np.int64) for f in files])

@@ -1,0 +1,68 @@
+"""``smalltalk eval-mixture``: test perplexity of a mixture vs its dense baseline (paper §3.2, Fig. 4b, 5).
+
+    smalltalk eval-mixture --run RUN_DIR [--max-seqs 500] [--prefix-lens 8,16,32]
+    smalltalk eval-mixture --bundle B --dense DENSE_MODEL_DIR --data DATA_DIR --out results.json
+
+Routes each test sequence by its prefix, scores it with the chosen expert, and prints the mixture's
+and the dense model's perplexity, the per-expert table, and the routing-prefix sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import SmallTalkError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval-mixture", help="test perplexity of a mixture bundle vs the dense baseline",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="run directory (uses its bundle/, dense/model and data/)")
+    p.add_argument("--bundle", type=Path, help="mixture bundle directory")
+    p.add_argument("--dense", type=Path, help="dense baseline model directory")
+    p.add_argument("--data", type=Path, help="prepared data directory")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--max-seqs", type=int, default=0, help="evenly spaced subset of this many sequences (0: all)")
+    p.add_argument("--prefix-lens", default="", help="comma-separated extra routing prefix lengths M-hat")
+    p.add_argument("--top-k", type=int, default=2, help="also report top-k soft mixing (0: off)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", type=Path, help="write the full results as JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_write_json
+    from ..mixture.evaluate import EvalConfig, evaluate_mixture
+
+    if args.run is not None:
+        bundle, dense, data = args.run / "bundle", args.run / "dense" / "model", args.run / "data"
+    elif args.bundle and args.dense and args.data:
+        bundle, dense, data = args.bundle, args.dense, args.data
+    else:
+        raise SmallTalkError("give --run RUN_DIR, or all of --bundle, --dense and --data")
+    try:
+        prefix_lens = [int(x) for x in args.prefix_lens.split(",") if x.strip()]
+    except ValueError:
+        raise SmallTalkError(f"--prefix-lens {args.prefix_lens!r}: give comma-separated integers, e.g. 8,16,32")
+    cfg = EvalConfig(split=args.split, max_seqs=args.max_seqs, batch_size=args.batch_size, prefix_lens=prefix_lens,
+                     top_k=args.top_k, device=args.device)
+    result = evaluate_mixture(bundle, dense, data, cfg)
+    if args.out:
+        atomic_write_json(args.out, result)
+    print(f"{result['num_seqs']} {args.split} sequences: mixture ppl {result['mixture']['ppl']:.3f}, dense ppl "
+          f"{result['dense']['ppl']:.3f} ({result['improvement_pct']:+.2f}% lower)")
+    for r in result["per_expert"]:
+        if r["num_seqs"]:
+            print(f"  expert {r['expert']}: {100 * r['share']:.1f}% of sequences, expert ppl {r['expert_ppl']:.3f} "
+                  f"vs dense {r['dense_ppl']:.3f} ({r['improvement_pct']:+.2f}%)")
+    for s in result["prefix_sweep"]:
+        print(f"  M-hat {s['prefix_len']}: mixture ppl {s['ppl']:.3f} ({s['improvement_pct']:+.2f}%)")
+    if "soft_topk" in result:
+        s = result["soft_topk"]
+        print(f"  top-{s['k']} soft mixing: ppl {s['ppl']:.3f} ({s['improvement_pct']:+.2f}%)")
+    if not args.out:
+        print(json.dumps({k: result[k] for k in ("mixture", "dense", "improvement_pct")}))
+    return 0

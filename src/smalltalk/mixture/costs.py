@@ -1,0 +1,107 @@
+"""What a run cost, in the layout of the paper's Table 3 (App. A.3, Eq. 10-16).
+
+Counts are the ones the run actually performed, put through the paper's formulas
+(`smalltalk.model.flops`):
+
+    Eq. 15  experts training   E x 3 x fwd(expert, B, S - 1) x expert_steps
+    Eq. 13  routers training   E x 3 x fwd(router, B_r, M_r - 1) x router_steps   (M_r: tokens the routers train on)
+    Eq. 14  routers sharding   (sequences scored during EM) x E routers x inf(router, M)
+    Eq. 16  experts sharding   (sequences scored to shard the training data) x E routers x inf(router, M)
+    Eq. 10  dense training     3 x fwd(expert, E x B, S - 1) x expert_steps
+
+Training runs a model on the S - 1 input positions of each S-token sequence (the last token is only
+a target), the same count the trainer logs. Inference is per S-token sequence (Eq. 11, B = 1):
+the expert plus E routers on the M-hat-token routing prefix, vs the dense model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..model.config import ModelConfig
+from ..model.flops import inference_flops, training_flops
+
+
+@dataclass
+class RunCosts:
+    num_experts: int
+    experts_training: int
+    routers_training: int
+    routers_sharding: int
+    experts_sharding: int
+    dense_training: int
+    expert_inference: int
+    routers_inference: int
+    dense_inference: int
+
+    @property
+    def mixture_training(self) -> int:
+        return self.experts_training + self.routers_training + self.routers_sharding + self.experts_sharding
+
+    @property
+    def training_overhead_pct(self) -> float:
+        return 100.0 * (self.mixture_training - self.dense_training) / self.dense_training
+
+    @property
+    def mixture_inference(self) -> int:
+        return self.expert_inference + self.routers_inference
+
+    @property
+    def inference_overhead_pct(self) -> float:
+        return 100.0 * (self.mixture_inference - self.dense_inference) / self.dense_inference
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(mixture_training=self.mixture_training, training_overhead_pct=self.training_overhead_pct,
+                 mixture_inference=self.mixture_inference, inference_overhead_pct=self.inference_overhead_pct)
+        return d
+
+
+def run_costs(*, expert_cfg: ModelConfig, router_cfg: ModelConfig, num_experts: int, seq_len: int, prefix_len: int,
+              expert_steps: int, expert_batch_size: int, dense_steps: int, dense_batch_size: int,
+              router_steps: int, router_batch_size: int, router_train_len: int, em_scored_seqs: int,
+              shard_scored_seqs: int, inference_prefix_len: int | None = None) -> RunCosts:
+    """FLOPs of one run; see the module docstring for each term."""
+    E = num_experts
+    route_one = inference_flops(router_cfg, prefix_len)  # one router, one M-token prefix
+    m_hat = prefix_len if inference_prefix_len is None else inference_prefix_len
+    return RunCosts(
+        num_experts=E,
+        experts_training=E * training_flops(expert_cfg, expert_steps, expert_batch_size, seq_len - 1),
+        routers_training=E * training_flops(router_cfg, router_steps, router_batch_size, router_train_len - 1)
+        if router_steps else 0,
+        routers_sharding=em_scored_seqs * E * route_one,
+        experts_sharding=shard_scored_seqs * E * route_one,
+        dense_training=training_flops(expert_cfg, dense_steps, dense_batch_size, seq_len - 1),
+        expert_inference=inference_flops(expert_cfg, seq_len),
+        routers_inference=E * inference_flops(router_cfg, m_hat),
+        dense_inference=inference_flops(expert_cfg, seq_len),
+    )
+
+
+def _sci(x: float) -> str:
+    return f"{x:.3e}"
+
+
+def costs_markdown(c: RunCosts) -> str:
+    """Table 3 style: dense, and mixture as 'dense-equivalent + overhead (↑ %)', plus the breakdown."""
+    over_train = c.mixture_training - c.dense_training
+    over_inf = c.mixture_inference - c.dense_inference
+    lines = [
+        "| Model | Training FLOPs | Inference FLOPs / sequence |",
+        "|---|---|---|",
+        f"| dense | {_sci(c.dense_training)} | {_sci(c.dense_inference)} |",
+        f"| mixture ({c.num_experts} experts) | {_sci(c.dense_training)} + {_sci(over_train)} "
+        f"↑ {c.training_overhead_pct:.2f}% | {_sci(c.dense_inference)} + {_sci(over_inf)} "
+        f"↑ {c.inference_overhead_pct:.2f}% |",
+        "",
+        "| Mixture training term | FLOPs | % of dense |",
+        "|---|---|---|",
+    ]
+    for label, value in (("experts training (Eq. 15)", c.experts_training),
+                         ("routers training (Eq. 13)", c.routers_training),
+                         ("routers sharding during EM (Eq. 14)", c.routers_sharding),
+                         ("experts data sharding (Eq. 16)", c.experts_sharding),
+                         ("total", c.mixture_training)):
+        lines.append(f"| {label} | {_sci(value)} | {100.0 * value / c.dense_training:.2f}% |")
+    return "\n".join(lines)

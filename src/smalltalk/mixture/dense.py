@@ -1,0 +1,60 @@
+"""The dense baseline at equal training tokens and FLOPs (paper §3.1, Table 2).
+
+One model with the architecture of one expert, trained for the same number of steps with E times
+the expert batch on the whole training split, so it sees as many tokens as all E experts together
+and, FLOPs being linear in tokens for a fixed architecture, costs exactly the experts' training
+FLOPs (Eq. 10 vs Eq. 15). It does not depend on routers or shards: it can train as soon as the data
+is prepared, in ``<run>/dense/`` (resumable like any trainer run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..io import read_json
+from ..model.flops import training_flops
+from ..train.evaluate import load_split
+from .config import RunConfig
+from .experts import load_run_config
+from .layout import RunLayout
+
+
+def dense_done(layout: RunLayout) -> bool:
+    return (layout.dense / "run.json").is_file() and (layout.dense / "model" / "model.safetensors").is_file()
+
+
+def flops_side_by_side(cfg: RunConfig, seq_len: int, vocab_size: int) -> tuple[int, int, str]:
+    """(experts' total training FLOPs, dense training FLOPs, a one-line comparison)."""
+    model = cfg.expert_model.replace(vocab_size=vocab_size, max_seq_len=seq_len)
+    t, E = cfg.expert_train, cfg.num_experts
+    experts = E * training_flops(model, t.max_steps, t.batch_size, seq_len - 1)
+    dense_cfg = cfg.dense_train()
+    dense = training_flops(model, dense_cfg.max_steps, dense_cfg.batch_size, seq_len - 1)
+    line = (f"training FLOPs: {E} experts x {t.max_steps} steps x batch {t.batch_size} = {experts:.4e} | "
+            f"dense {dense_cfg.max_steps} steps x batch {dense_cfg.batch_size} = {dense:.4e} "
+            f"(ratio {dense / experts:.4f})")
+    return experts, dense, line
+
+
+def train_dense(run_dir: str | Path, *, cfg: RunConfig | None = None, progress: bool | None = None,
+                log=print) -> dict[str, Any]:
+    """Train (or resume, or confirm finished) the dense baseline of a run; returns its run summary."""
+    from ..train.trainer import Trainer, model_config_for_data
+
+    layout = RunLayout(run_dir)
+    cfg = cfg or load_run_config(run_dir)
+    train = load_split(layout.data, "train")
+    _, _, line = flops_side_by_side(cfg, train.dataset.seq_len, train.dataset.vocab_size)
+    if dense_done(layout):
+        log(line)
+        return read_json(layout.dense / "run.json")
+    valid = load_split(layout.data, "valid")
+    model_cfg = model_config_for_data(cfg.expert_model, train)
+    train_cfg = cfg.dense_train()
+    trainer = Trainer(model_cfg, train_cfg, train, layout.dense, valid_data=valid, progress=progress)
+    if trainer.dist.is_main:
+        log(f"dense: {len(train.dataset)} training sequences, {model_cfg.describe()}; {train_cfg.describe()}"
+            + (f"; resuming at step {trainer.step}" if trainer.step else ""))
+        log(line)
+    return trainer.train()

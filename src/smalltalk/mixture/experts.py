@@ -1,0 +1,153 @@
+"""Independent expert training (paper Algorithm 1, lines 14-16).
+
+Expert k reads only its own shard, ``<run>/shards/expert_{k}/train/``, and the run's configuration;
+nothing from the other experts and no process group spanning experts. So the E experts can run
+
+* one after another in one process (`smalltalk run`, or a loop over `smalltalk train-expert`),
+* as E processes on one machine (``smalltalk train-expert --run R --expert k &`` for each k),
+* as E jobs on E machines that share (or copy) the run directory (SLURM job array, see
+  docs/running-experts.md), each possibly using several GPUs through ``torchrun`` (DDP within one
+  expert only).
+
+Each expert is an ordinary resumable `Trainer` run in ``<run>/experts/expert_{k}/`` (checkpoints,
+metrics.jsonl, final ``model/``, ``run.json`` once finished): re-running the same command resumes it.
+
+Validation during training uses the expert's own segment of the valid split: of `valid_seqs`
+evenly spaced valid sequences, those the routers send to it (argmax of prefix scores, as at
+inference). The routes are computed once and cached in ``<run>/experts/valid_routes.npy``
+(deterministic and written atomically, so concurrent experts may race to write it harmlessly).
+Weighted by segment size, the experts' validation losses give the mixture's validation loss during
+training (the report's Figure 2 curve).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.shards import TokenDataset
+from ..errors import SmallTalkError
+from ..io import atomic_open, read_json
+from ..train.evaluate import SplitData, load_split
+from .config import RunConfig
+from .layout import RunLayout
+
+
+class SubsetDataset:
+    """A view of some sequences of a TokenDataset (what `Trainer` needs for validation on a segment)."""
+
+    def __init__(self, base: TokenDataset, indices: np.ndarray):
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        self.seq_len, self.vocab_size = base.seq_len, base.vocab_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self) * self.seq_len
+
+    def get(self, indices) -> np.ndarray:
+        return self.base.get(self.indices[np.asarray(indices, dtype=np.int64)])
+
+    def domains(self, indices=None) -> np.ndarray:
+        return self.base.domains(self.indices if indices is None else self.indices[np.asarray(indices)])
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run directory was started with (``<run>/run_config.json``)."""
+    path = RunLayout(run_dir).config
+    if not path.is_file():
+        raise SmallTalkError(f"{path}: not found; {Path(run_dir)} is not a run directory (start one with "
+                             "`smalltalk run --config ... --out RUN_DIR --until shard`)")
+    return RunConfig.from_dict(read_json(path))
+
+
+def check_shards(layout: RunLayout, cfg: RunConfig) -> dict:
+    """The shards manifest, checked against the run config (E must match)."""
+    path = layout.shards_manifest
+    if not path.is_file():
+        raise SmallTalkError(f"{path}: not found; shard the data first (`smalltalk run --config ... --until shard` "
+                             "or `smalltalk shard`)")
+    manifest = read_json(path)
+    E = manifest.get("num_experts")
+    if E != cfg.num_experts:
+        raise SmallTalkError(f"{path}: the data is sharded for num_experts={E} but the run config says "
+                             f"num_experts={cfg.num_experts}; re-shard with E={cfg.num_experts} or use a config with "
+                             f"num_experts={E}")
+    return manifest
+
+
+def shard_dataset(layout: RunLayout, k: int) -> TokenDataset:
+    directory = layout.expert_shard(k)
+    if not directory.is_dir() or not any(directory.glob("shard_*.bin")):
+        raise SmallTalkError(f"{directory}: expert {k} has no training shard; re-run the shard stage")
+    return TokenDataset.from_dir(directory)
+
+
+def valid_routes(layout: RunLayout, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, experts): `cfg.valid_seqs` evenly spaced valid sequences and the expert the routers send
+    each to (argmax of prefix scores, as at inference). Cached in ``experts/valid_routes.npy``."""
+    from ..train.evaluate import evenly_spaced
+
+    path = layout.valid_routes
+    if path.is_file():
+        table = np.load(path)  # (2, n): indices, experts
+        return table[0], table[1]
+    from ..routing.em import load_routers
+    from ..routing.score import StackedRouters, score_dataset
+    from .inference import resolve_device
+
+    device = resolve_device(cfg.device)
+    models, _ = load_routers(layout.routers, device=str(device))
+    valid = load_split(layout.data, "valid").dataset
+    indices = evenly_spaced(len(valid), cfg.valid_seqs)
+    scores = score_dataset(StackedRouters(models, device=device), valid, indices, cfg.prefix_len)
+    table = np.stack([indices, scores.argmax(axis=1)]).astype(np.int64)
+    with atomic_open(path, "wb") as f:
+        np.save(f, table)
+    return table[0], table[1]
+
+
+def valid_segment(layout: RunLayout, cfg: RunConfig, k: int) -> SplitData | None:
+    """Expert k's segment of the valid split (None when the routers send it no valid sequence)."""
+    split = load_split(layout.data, "valid")
+    indices, experts = valid_routes(layout, cfg)
+    indices = indices[experts == k]
+    if len(indices) == 0:
+        return None
+    num_bytes = int(split.num_bytes * len(indices) / len(split.dataset)) if split.num_bytes else None
+    return SplitData(SubsetDataset(split.dataset, indices), "valid", num_bytes, split.tokenizer_file,
+                     split.tokenizer_sha256)
+
+
+def expert_done(layout: RunLayout, k: int) -> bool:
+    d = layout.expert(k)
+    return (d / "run.json").is_file() and (d / "model" / "model.safetensors").is_file()
+
+
+def train_expert(run_dir: str | Path, k: int, *, cfg: RunConfig | None = None, progress: bool | None = None,
+                 log=print) -> dict[str, Any]:
+    """Train (or resume, or confirm finished) expert `k` of a run; returns the trainer's run summary."""
+    from ..train.trainer import Trainer, model_config_for_data
+
+    layout = RunLayout(run_dir)
+    cfg = cfg or load_run_config(run_dir)
+    if not isinstance(k, int) or not 0 <= k < cfg.num_experts:
+        raise SmallTalkError(f"--expert {k}: the run has experts 0..{cfg.num_experts - 1}")
+    check_shards(layout, cfg)
+    if expert_done(layout, k):
+        return read_json(layout.expert(k) / "run.json")
+    train = shard_dataset(layout, k)
+    split = load_split(layout.data, "train")
+    model_cfg = model_config_for_data(cfg.expert_model, train)
+    train_cfg = cfg.expert_train_config(k)
+    valid = valid_segment(layout, cfg, k) if train_cfg.eval_every or train_cfg.eval_batches else None
+    trainer = Trainer(model_cfg, train_cfg, train, layout.expert(k), valid_data=valid,
+                      tokenizer_file=split.tokenizer_file, tokenizer_sha256=split.tokenizer_sha256, progress=progress)
+    if trainer.dist.is_main:
+        log(f"expert {k}: {len(train)} training sequences, {model_cfg.describe()}; {train_cfg.describe()}"
+            + (f"; resuming at step {trainer.step}" if trainer.step else ""))
+    return trainer.train()

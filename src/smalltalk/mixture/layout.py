@@ -1,0 +1,82 @@
+"""Where each stage of a run keeps its output (the run directory is the only shared state)::
+
+    <run>/
+      run_config.json                  resolved RunConfig the run was started with
+      stages.json                      seconds each stage took (report only)
+      data/                            `smalltalk prepare`: manifest.json, tokenizer.json, train/valid/test shards
+      routers/                         router EM: router_{e}/ model dirs, manifest.json, em_log.jsonl
+      shards/                          sharding: expert_{e}/train/shard_*.bin, manifest.json
+      experts/expert_{k}/              expert k's trainer run: checkpoints/, metrics.jsonl, model/, run.json
+      experts/valid_routes.npy         expert of each valid sequence (validation on own segment)
+      dense/                           dense baseline's trainer run (same files)
+      bundle/                          the servable mixture (mixture/bundle.py)
+      eval/results.json                mixture vs dense on the test split
+      results.json, report.md, plots/  the report
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "run_config.json"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages.json"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def routers(self) -> Path:
+        return self.root / "routers"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def shards_manifest(self) -> Path:
+        return self.shards / "manifest.json"
+
+    def expert_shard(self, k: int) -> Path:
+        return self.shards / f"expert_{k}" / "train"
+
+    def expert(self, k: int) -> Path:
+        return self.root / "experts" / f"expert_{k}"
+
+    @property
+    def valid_routes(self) -> Path:
+        return self.root / "experts" / "valid_routes.npy"
+
+    @property
+    def dense(self) -> Path:
+        return self.root / "dense"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.root / "eval" / "results.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"

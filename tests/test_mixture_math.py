@@ -1,0 +1,156 @@
+"""Mixture evaluation math, cost accounting and run configs: exact numbers, no training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from smalltalk.errors import SmallTalkError
+from smalltalk.mixture.bundle import fallback_expert
+from smalltalk.mixture.config import RUN_PRESETS, RunConfig, load_run_config, run_preset
+from smalltalk.mixture.costs import costs_markdown, run_costs
+from smalltalk.mixture.evaluate import EvalConfig, ScoreTables, route_from_logp, soft_topk_nll, summarize
+from smalltalk.model.config import preset
+from smalltalk.model.flops import inference_flops, training_flops
+
+
+def _tables(seed: int = 0, N: int = 12, E: int = 3, S: int = 9, M: int = 5) -> ScoreTables:
+    rng = np.random.default_rng(seed)
+    token_logp = -rng.uniform(0.1, 5.0, size=(N, E, S - 1)).astype(np.float32)
+    return ScoreTables(expert_nll=-token_logp.sum(axis=2, dtype=np.float64),
+                       dense_nll=rng.uniform(5, 30, size=N), router_logp=-rng.uniform(0.1, 3, (N, E, M - 1))
+                       .astype(np.float32), expert_token_logp=token_logp, tokens_per_seq=S - 1,
+                       domains=rng.integers(0, 2, N).astype(np.int16))
+
+
+def test_fallback_is_largest_training_share_lowest_index_on_ties():
+    assert fallback_expert([10, 30, 20]) == 1
+    assert fallback_expert([30, 30, 20]) == 0
+    assert fallback_expert([0, 0, 5, 5]) == 2
+
+
+def test_routing_uses_first_prefix_tokens_and_argmax():
+    logp = np.zeros((2, 2, 4), dtype=np.float32)  # 2 sequences, 2 routers, M = 5
+    logp[0, 0] = [-1, -1, -9, -9]  # router 0 best on the first 2 predictions, worse on all 4
+    logp[0, 1] = [-2, -2, -1, -1]
+    logp[1, 1] = -0.5
+    logp[1, 0] = -0.7
+    routes, scores = route_from_logp(logp, 3)  # M-hat = 3: two predicted tokens
+    assert routes.tolist() == [0, 1] and scores[0].tolist() == [-2, -4]
+    routes, _ = route_from_logp(logp, 5)
+    assert routes.tolist() == [1, 1]
+
+
+def test_summarize_matches_a_direct_computation():
+    t = _tables()
+    N, E = t.expert_nll.shape
+    T = t.tokens_per_seq
+    out = summarize(t, prefix_len=5, prefix_lens=[2, 3], top_k=2, train_shares=[0.5, 0.25, 0.25],
+                    domain_names=["a", "b"], bytes_per_token=3.0)
+    routes = t.router_logp.sum(axis=2).argmax(axis=1)
+    mix_nll = t.expert_nll[np.arange(N), routes].sum()
+    assert out["mixture"]["ppl"] == pytest.approx(math.exp(mix_nll / (N * T)), rel=1e-12)
+    assert out["dense"]["ppl"] == pytest.approx(math.exp(t.dense_nll.sum() / (N * T)), rel=1e-12)
+    assert out["mixture"]["bpb"] == pytest.approx(mix_nll / math.log(2) / (N * T * 3.0), rel=1e-12)
+    assert out["improvement_pct"] == pytest.approx(100 * (1 - out["mixture"]["ppl"] / out["dense"]["ppl"]))
+    assert sum(r["num_seqs"] for r in out["per_expert"]) == N
+    for r in out["per_expert"]:
+        seg = routes == r["expert"]
+        assert r["share"] == pytest.approx(seg.mean())
+        if seg.any():
+            assert r["expert_ppl"] == pytest.approx(math.exp(t.expert_nll[seg, r["expert"]].sum() / (seg.sum() * T)))
+            assert r["dense_ppl"] == pytest.approx(math.exp(t.dense_nll[seg].sum() / (seg.sum() * T)))
+            # The routed expert's entry on the diagonal of the cross matrix is its segment perplexity.
+            assert out["cross_ppl"][r["expert"]][r["expert"]] == pytest.approx(r["expert_ppl"])
+    assert [s["prefix_len"] for s in out["prefix_sweep"]] == [2, 3, 5]
+    assert out["prefix_sweep"][-1]["ppl"] == pytest.approx(out["mixture"]["ppl"])
+    assert out["prefix_sweep"][-1]["agreement"] == 1.0
+    oracle = math.exp(t.expert_nll.min(axis=1).sum() / (N * T))
+    assert out["oracle"]["ppl"] == pytest.approx(oracle) and oracle <= out["mixture"]["ppl"]
+    counts = np.array(out["domains"]["counts"])
+    assert counts.sum() == N and counts.shape == (2, E)
+
+
+def test_soft_topk_equals_brute_force_mixture_of_distributions():
+    t = _tables(seed=3)
+    _, scores = route_from_logp(t.router_logp, 5)
+    N, E, T = t.expert_token_logp.shape
+    expected = 0.0
+    for n in range(N):
+        top = np.argsort(-scores[n], kind="stable")[:2]
+        w = np.exp(scores[n, top] - scores[n, top].max())
+        w /= w.sum()
+        p = (w[:, None] * np.exp(t.expert_token_logp[n, top].astype(np.float64))).sum(axis=0)  # (T,)
+        expected -= np.log(p).sum()
+    assert soft_topk_nll(t, scores, 2) == pytest.approx(expected, rel=1e-9)
+    # k = 1 is hard routing.
+    routes = scores.argmax(axis=1)
+    assert soft_topk_nll(t, scores, 1) == pytest.approx(t.expert_nll[np.arange(N), routes].sum(), rel=1e-6)
+
+
+def test_prefix_sweep_longer_than_m_is_refused():
+    with pytest.raises(SmallTalkError, match="M-hat must be <= M"):
+        summarize(_tables(), prefix_len=5, prefix_lens=[9])
+
+
+def test_costs_dense_equals_experts_and_terms_follow_the_formulas():
+    expert, router = preset("cpu-small"), preset("cpu-router")
+    c = run_costs(expert_cfg=expert, router_cfg=router, num_experts=4, seq_len=256, prefix_len=64, expert_steps=100,
+                  expert_batch_size=16, dense_steps=100, dense_batch_size=64, router_steps=50, router_batch_size=16,
+                  router_train_len=64, em_scored_seqs=1000, shard_scored_seqs=5000)
+    assert c.experts_training == c.dense_training == 4 * training_flops(expert, 100, 16, 255)
+    assert c.routers_training == 4 * training_flops(router, 50, 16, 63)
+    assert c.experts_sharding == 5000 * 4 * inference_flops(router, 64)
+    assert c.routers_sharding == 1000 * 4 * inference_flops(router, 64)
+    assert c.mixture_training == c.experts_training + c.routers_training + c.routers_sharding + c.experts_sharding
+    assert c.training_overhead_pct == pytest.approx(
+        100 * (c.routers_training + c.routers_sharding + c.experts_sharding) / c.dense_training)
+    assert c.inference_overhead_pct == pytest.approx(100 * 4 * inference_flops(router, 64) / inference_flops(expert, 256))
+    md = costs_markdown(c)
+    assert "experts data sharding (Eq. 16)" in md and f"{c.training_overhead_pct:.2f}%" in md
+
+
+def test_every_run_preset_resolves_and_dense_matches_expert_tokens():
+    for name in RUN_PRESETS:
+        cfg = run_preset(name)
+        dense = cfg.dense_train()
+        assert dense.max_steps == cfg.expert_train.max_steps
+        assert dense.batch_size == cfg.num_experts * cfg.expert_train.batch_size
+        assert cfg.routers.num_experts == cfg.num_experts and cfg.routers.prefix_len == cfg.prefix_len
+        assert RunConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # the saved form round-trips
+    assert {cfg.expert_train_config(k).seed for k in range(4) for cfg in [run_preset("tiny")]} == {1, 2, 3, 4}
+
+
+def test_yaml_config_overrides_a_preset(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nname: mine\nnum_experts: 2\nseed: 7\nexpert_train: {max_steps: 33}\n"
+                    "routers: {iterations: 2}\neval: {max_seqs: 10, prefix_lens: [4]}\n")
+    cfg = load_run_config(path)
+    assert (cfg.name, cfg.num_experts, cfg.seed) == ("mine", 2, 7)
+    assert cfg.expert_train.max_steps == 33 and cfg.expert_train.batch_size == run_preset("tiny").expert_train.batch_size
+    assert cfg.routers.iterations == 2 and cfg.routers.num_experts == 2 and cfg.routers.seed == 7
+    assert cfg.eval == EvalConfig(max_seqs=10, prefix_lens=[4], device=cfg.device)
+    assert cfg.dense_train().batch_size == 2 * cfg.expert_train.batch_size
+
+
+@pytest.mark.parametrize("text, match", [
+    ("preset: tiny\nnum_experts: 1\n", "at least 2 experts"),
+    ("preset: tiny\nexpert_train: {bogus: 1}\n", "unknown keys"),
+    ("preset: tiny\nprefix_len: 8\neval: {prefix_lens: [16]}\n", "prefix_lens"),
+    ("preset: nope\n", "preset='nope' is unknown"),
+    ("preset: tiny\nexpert_train: {loss_prefix_len: 8}\n", "whole sequences"),
+    ("- just\n- a list\n", "must be a mapping"),
+    ("preset: tiny\nnum_experts: [\n", "cannot parse"),
+])
+def test_bad_run_configs_are_named(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SmallTalkError, match=match):
+        load_run_config(path)
+
+
+def test_unknown_config_spec():
+    with pytest.raises(SmallTalkError, match="neither a run preset"):
+        load_run_config("no-such-preset-or-file")
