@@ -9,6 +9,7 @@ stopped when re-run with the same arguments. It takes hours on 2 CPU cores; on a
 
     python benchmarks/mixture_results.py                          # E = 4, runs/bench-cpu-e4
     python benchmarks/mixture_results.py --experts 2,4,8 --device cuda
+    python benchmarks/mixture_results.py --preset cpu-long --device cuda   # ~16x the tokens: for a GPU
     python benchmarks/mixture_results.py --preset tiny --experts 4 # the quickstart's numbers, minutes
 
 Writes benchmarks/results/mixture_results.{json,md}: per E the mixture and dense test perplexity,
@@ -83,7 +84,7 @@ def to_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="cpu", help="run preset family: cpu (default) or tiny")
+    ap.add_argument("--preset", default="cpu", help="run preset family: cpu (default), cpu-long or tiny")
     ap.add_argument("--experts", default="4", help="comma-separated numbers of experts (default 4)")
     ap.add_argument("--runs-dir", default="runs", help="run directories go to RUNS_DIR/bench-<preset>-e<E>")
     ap.add_argument("--device", default=None, help="cpu, cuda or auto (default: the preset's, auto)")

@@ -123,3 +123,18 @@ def test_num_experts_not_matching_the_shards_is_refused(sharded_run, tmp_path):
     with pytest.raises(SmallTalkError, match="expert 1 has no training shard"):
         train_expert(run, 1)
     assert not RunLayout(run).expert(1).exists()  # nothing written for a refused expert
+
+
+def test_domains_restrict_the_corpus_keeping_its_splits(corpus_dir, tmp_path):
+    from smalltalk.mixture.pipeline import corpus_view
+
+    cfg = fast_config(domains=["code_python", "novels_fr"], data={"preset": "tiny", "corpus": [str(corpus_dir)]})
+    (view,) = corpus_view(RunLayout(tmp_path / "run"), cfg)
+    for split in ("train", "valid", "test"):
+        files = sorted(p.name for p in (Path(view) / split).iterdir())
+        assert files == ["code_python.jsonl.gz", "novels_fr.jsonl.gz"]
+        assert (Path(view) / split / files[0]).resolve() == (corpus_dir / split / files[0]).resolve()
+    assert corpus_view(RunLayout(tmp_path / "other"), fast_config()) == ()  # no domains: the whole corpus
+    with pytest.raises(SmallTalkError, match="no file for domain 'klingon'"):
+        corpus_view(RunLayout(tmp_path / "bad"), fast_config(domains=["klingon"],
+                                                             data={"preset": "tiny", "corpus": [str(corpus_dir)]}))

@@ -27,6 +27,11 @@ def _pct(x) -> str:
 
 
 def make_plots(results: dict, plot_dir: Path) -> dict[str, Path]:
+    """The report's PNGs; none (and the report says so) when matplotlib, the `[plot]` extra, is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return {}
     ev, costs = results["eval"], results["costs"]
     curves = results.get("curves", {})
     final = {"mixture": (costs["mixture_training"], ev["mixture"]["ppl"]),
@@ -114,6 +119,8 @@ def render(results: dict, plots: dict[str, Path] | None = None, base: Path | Non
                 out.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
         out.append("")
 
+    if plots is not None and not plots:
+        out += ["## Plots", "", "Not drawn: matplotlib is not installed (`pip install smalltalk[plot]`).", ""]
     if plots:
         out += ["## Plots", ""]
         for key, path in plots.items():
