@@ -10,7 +10,6 @@ import torch
 
 from smalltalk.paths import default_corpus_dir
 
-# Tests run on 2 cores; more threads than cores only adds contention.
 # One intra-op thread per test process: CI runs `pytest -n 2` on 2 cores, and oversubscribed
 # threads make small ops on this CPU tens of times slower (measured in test_generate).
 torch.set_num_threads(1)
