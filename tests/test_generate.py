@@ -28,16 +28,6 @@ def documents(corpus_dir, split: str, per_domain: int) -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding runs many tiny ops; on a busy 2-core machine two intra-op threads mostly wait on each
-    other (measured 60x slower here), so these tests decode on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_file(corpus_dir, tmp_path_factory):
     from smalltalk.data.tokenizer import train_tokenizer

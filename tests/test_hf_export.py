@@ -32,14 +32,6 @@ def documents(corpus_dir, split: str, per_domain: int, min_chars: int = 0) -> li
     return texts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is much faster on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_file(corpus_dir, tmp_path_factory):
     from smalltalk.data.tokenizer import train_tokenizer

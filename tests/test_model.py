@@ -14,15 +14,6 @@ from smalltalk.model.config import PRESETS, ModelConfig, preset
 from smalltalk.model.transformer import Transformer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small ops: on a busy 2-core machine two intra-op threads mostly wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def real_token_ids(corpus_dir, domain: str, n: int) -> list[int]:
     """The first `n` UTF-8 bytes of a real document, as token ids (a byte-level tokenizer, vocab 256)."""
     with gzip.open(corpus_dir / "valid" / f"{domain}.jsonl.gz", "rt", encoding="utf-8") as f:
