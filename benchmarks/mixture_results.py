@@ -1,11 +1,12 @@
 """The paper's main result at CPU scale: mixture vs dense test perplexity at equal training tokens/FLOPs.
 
 For each E (default 4; also 2 and 8 with --experts 2,4,8) this is `smalltalk run --config cpu-eE`
-(all 10 domains of the sample corpus, `cpu-small` experts, `cpu-router` routers, M = 64): router EM,
+(all 10 domains of the sample corpus at a 512-token vocabulary, `mini` experts, `micro` routers,
+M = 32: equal training FLOPs with the routers counted, +5% inference FLOPs at E = 4): router EM,
 sharding, E experts, the dense baseline (same steps, E x the batch), the bundle, evaluation on the
 test split, and the run report. Every stage is resumable, so a killed benchmark continues where it
-stopped when re-run with the same arguments. It takes hours on 2 CPU cores; on a GPU machine pass
---device cuda.
+stopped when re-run with the same arguments. About an hour on 2 idle CPU cores; on a GPU machine
+pass --device cuda. `--preset cpu-small` is the same pipeline with 5.3M-parameter experts (hours).
 
     python benchmarks/mixture_results.py                          # E = 4, runs/bench-cpu-e4
     python benchmarks/mixture_results.py --experts 2,4,8 --device cuda
@@ -84,7 +85,7 @@ def to_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="cpu", help="run preset family: cpu (default), cpu-long or tiny")
+    ap.add_argument("--preset", default="cpu", help="run preset family: cpu (default), cpu-small, cpu-long or tiny")
     ap.add_argument("--experts", default="4", help="comma-separated numbers of experts (default 4)")
     ap.add_argument("--runs-dir", default="runs", help="run directories go to RUNS_DIR/bench-<preset>-e<E>")
     ap.add_argument("--device", default=None, help="cpu, cuda or auto (default: the preset's, auto)")

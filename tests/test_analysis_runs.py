@@ -106,3 +106,27 @@ def test_cli(run_dir, capsys):
     assert main(["analyze", "prefix-length", "--run", str(run_dir / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
     assert main(["analyze", "tfidf", "--run", str(run_dir), "--compare", str(run_dir)]) == 2
+
+
+def test_report_includes_analyses(run_dir, tmp_path, capsys):
+    """The report stage writes the FLOPs of each routing prefix, and `smalltalk analyze` re-renders the
+    report with its section (on a copy: the shared run stays as the other tests expect it)."""
+    import shutil
+
+    from smalltalk.mixture.config import RunConfig
+    from smalltalk.mixture.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("analysis"))
+    run_pipeline(RunConfig.from_dict(read_json(run / "run_config.json")), run, until="report", progress=False,
+                 log=lambda msg: None)
+    report = (run / "report.md").read_text(encoding="utf-8")
+    assert "| Inference FLOPs vs dense |" in report and "Expert specialisation" not in report
+    sweep = read_json(run / "results.json")["eval"]["prefix_sweep"]
+    overheads = [s["inference_overhead_pct"] for s in sorted(sweep, key=lambda s: s["prefix_len"])]
+    assert all(o > 0 for o in overheads) and overheads == sorted(overheads)  # shorter prefix, cheaper routing
+    assert main(["analyze", "specialisation", "--run", str(run), "--max-seqs", str(EVAL_SEQS), "--device", "cpu"]) == 0
+    assert "updated" in capsys.readouterr().out
+    report = (run / "report.md").read_text(encoding="utf-8")
+    assert "## Expert specialisation (cf. Figure 5)" in report
+    assert "](analysis/specialisation/specialisation.png)" in report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -47,7 +48,11 @@ def test_readme_quickstart_runs(tmp_path, corpus_dir):
     for step in steps:
         proc = subprocess.run(step, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"`{step}` failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    # Every quickstart writes under runs/quickstart and leaves a manifest describing what it made.
+    # The quickstart is the whole pipeline: a report, and (issue 5) the mixture already below dense.
     out = tmp_path / "runs" / "quickstart"
-    manifests = list(out.rglob("manifest.json"))
-    assert manifests, f"no manifest.json under {out}"
+    assert (out / "report.md").is_file() and list(out.rglob("manifest.json")), f"no report/manifests under {out}"
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    ev = results["eval"]
+    assert ev["mixture"]["ppl"] < ev["dense"]["ppl"], f"mixture {ev['mixture']['ppl']} not below dense {ev['dense']['ppl']}"
+    print(f"quickstart: mixture {ev['mixture']['ppl']:.2f} vs dense {ev['dense']['ppl']:.2f}, "
+          f"{results['wall_s']:.0f} s of stages")

@@ -6,7 +6,8 @@
     smalltalk analyze random-shards  --run RUN [--prefix-lens 32,64]      (trains E experts)
     smalltalk analyze specialisation --run RUN
 
-Each writes RUN/analysis/<name>/ (result.json, table.md, <name>.png, section.md for the report).
+Each writes RUN/analysis/<name>/ (result.json, table.md, <name>.png, section.md) and re-renders RUN/report.md
+with every analysis section.
 The baselines train their experts like the run's own (same budget), resumably, in
 RUN/analysis/<name>/run/; re-running the same command resumes or reuses them.
 """
@@ -113,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
         from ..analysis.specialisation import SpecialisationConfig, analyze_specialisation
 
         analyze_specialisation(args.run, SpecialisationConfig(**common), log=log)
+    from ..mixture.report import refresh_report
+
     out = analysis_dir(args.run, args.analysis)
     print((out / "table.md").read_text(encoding="utf-8").rstrip())
     print(f"\nwrote {out}/ (result.json, table.md, {args.analysis}.png, section.md)")
+    report = refresh_report(args.run)
+    if report is not None:
+        print(f"updated {report} (its analyses sections)")
     return 0

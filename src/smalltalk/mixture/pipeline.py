@@ -309,12 +309,21 @@ def run_costs_of(layout: RunLayout, cfg: RunConfig):
 def collect_results(layout: RunLayout, cfg: RunConfig) -> dict:
     import torch
 
+    from ..model.config import ModelConfig
+    from ..model.flops import inference_flops
+
     costs = run_costs_of(layout, cfg)
     overhead = costs.mixture_training - costs.experts_training
     timings = read_json(layout.stages) if layout.stages.is_file() else {}
+    ev = read_json(layout.eval_results)
+    # Routing on fewer tokens (M-hat < M) is also cheaper: the inference overhead of each sweep point.
+    router_cfg = ModelConfig.from_dict(read_json(layout.routers / "manifest.json")["router_model"])
+    for s in ev.get("prefix_sweep", []):
+        routers = cfg.num_experts * inference_flops(router_cfg, int(s["prefix_len"]))
+        s["inference_overhead_pct"] = 100.0 * routers / costs.dense_inference
     return {
         "name": cfg.name, "num_experts": cfg.num_experts, "prefix_len": cfg.prefix_len,
-        "eval": read_json(layout.eval_results), "costs": costs.to_dict(),
+        "eval": ev, "costs": costs.to_dict(),
         "curves": training_curves(layout, cfg, overhead), "timings_s": timings,
         "wall_s": round(sum(timings.values()), 1),
         "environment": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..analysis.output import collect_sections
+from ..io import atomic_write_text, read_json
 from .costs import RunCosts, costs_markdown
 from .plots import plot_per_expert, plot_ppl_vs_flops, plot_prefix_sweep
 
@@ -104,10 +105,12 @@ def render(results: dict, plots: dict[str, Path] | None = None, base: Path | Non
     sweep = ev.get("prefix_sweep", [])
     if len(sweep) > 1:
         out += ["## Routing prefix length at inference (cf. Figure 4b)", "",
-                "| M-hat | Mixture ppl | vs dense | Same expert as M-hat = M |", "|---|---|---|---|"]
+                "| M-hat | Mixture ppl | vs dense | Same expert as M-hat = M | Inference FLOPs vs dense |",
+                "|---|---|---|---|---|"]
         for s in sweep:
+            flops = "–" if s.get("inference_overhead_pct") is None else f"+{s['inference_overhead_pct']:.2f}%"
             out.append(f"| {s['prefix_len']} | {s['ppl']:.2f} | {_pct(s['improvement_pct'])} | "
-                       f"{100 * s['agreement']:.1f}% |")
+                       f"{100 * s['agreement']:.1f}% | {flops} |")
         out.append("")
 
     domains = ev.get("domains")
@@ -151,8 +154,20 @@ def write_report(run_dir: Path, results: dict) -> Path:
     plots = make_plots(results, run_dir / "plots")
     path = run_dir / "report.md"
     text = render(results, plots, base=run_dir)
+    analyses = collect_sections(run_dir)  # `smalltalk analyze` sections, in name order
+    if analyses:
+        text = text.rstrip("\n") + "\n\n" + analyses
     if path.is_file():
         for m in _SECTION.finditer(path.read_text(encoding="utf-8")):
             text = text.rstrip("\n") + "\n\n" + m.group(0).rstrip("\n") + "\n"
     atomic_write_text(path, text)
     return path
+
+
+def refresh_report(run_dir: Path) -> Path | None:
+    """Re-render ``<run_dir>/report.md`` from its ``results.json`` (after an analysis added a section);
+    None when the run has no results yet (its report stage will include the sections)."""
+    results = Path(run_dir) / "results.json"
+    if not results.is_file():
+        return None
+    return write_report(Path(run_dir), read_json(results))
