@@ -346,3 +346,36 @@ def test_load_manifest_refuses_what_is_not_a_complete_dataset(tiny_data, tmp_pat
     (copy / "manifest.json").write_text('{"format": "something-else"}')
     with pytest.raises(SmallTalkError, match="not a smalltalk token-dataset manifest"):
         load_manifest(copy)
+
+
+def test_rebuild_keeps_the_old_dataset_until_the_new_one_is_complete(small_corpus, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "d"
+    prepare(_cfg(small_corpus, out))
+    before = _tree(out)
+    # Bad input in a rebuild (a broken JSONL line): a clear error, and the finished dataset is untouched.
+    bad = tmp_path / "bad"
+    shutil.copytree(small_corpus, bad)
+    with open(bad / "train" / "wiki_en.jsonl", "a") as f:
+        f.write('{"text": "cut off\n')
+    with pytest.raises(SmallTalkError, match="wiki_en.jsonl"):
+        prepare(_cfg(bad, out))
+    assert _tree(out) == before and load_manifest(out, check_shards=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "d"]  # no staging left behind
+    # Ctrl-C in a rebuild with another seq_len: still the old dataset; re-running finishes and swaps it in.
+    real_add = prepare_module._SplitSink.add
+
+    def interrupt(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module._SplitSink, "add", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_cfg(small_corpus, out, seq_len=32))
+    monkeypatch.setattr(prepare_module._SplitSink, "add", real_add)
+    assert _tree(out) == before and load_manifest(out)["seq_len"] == 64
+    logs = []
+    m = prepare(_cfg(small_corpus, out, seq_len=32), log=logs.append)
+    assert m["seq_len"] == 32 and load_manifest(out, check_shards=True)["seq_len"] == 32
+    assert any("reusing the tokenizer" in line for line in logs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "d"]

@@ -15,7 +15,10 @@ Steps (layout and manifest keys in docs/architecture.md, "Token dataset on disk"
 Re-running with the same config, sources (path, size, mtime) and tokenizer returns the existing
 manifest without work. An interrupted run keeps its trained tokenizer and rewrites the shards;
 shards are written atomically so none looks complete when it is not. On bad input a
-`SmallTalkError` is raised and what this run wrote is removed.
+`SmallTalkError` is raised and what this run wrote is removed. Re-preparing a finished dataset with
+other settings builds the new one in ``.<out>.prepare-staging`` beside it (reusing its tokenizer when
+the tokenizer settings are unchanged) and swaps it in only when complete, so the old dataset survives
+bad input and interruptions.
 """
 
 from __future__ import annotations
@@ -421,13 +424,19 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] | None = None) -> dic
     if existing is not None:
         log(f"{out}: up to date (same config, sources and tokenizer); nothing to do")
         return existing
-    created = not out.exists()
-    _claim_out_dir(out)
+    # A finished dataset stays usable until its replacement is complete: rebuilds go to a staging
+    # directory beside it that is swapped in at the end (bad input or Ctrl-C then loses nothing).
+    _recover_swap(out)
+    replacing = (out / MANIFEST).is_file()
+    work = _staging_dir(out) if replacing else out
+    created = not work.exists()
+    _claim_out_dir(work)
     try:
-        tokenizer, trained = _get_tokenizer(cfg, out, planned, given, tokenizer_fingerprint, log)
-        manifest = _encode_all(cfg, out, planned, tokenizer, log)
+        tokenizer, trained = _get_tokenizer(cfg, work, planned, given, tokenizer_fingerprint, log,
+                                            reuse_from=out if replacing else None)
+        manifest = _encode_all(cfg, work, planned, tokenizer, log)
     except SmallTalkError:
-        _remove_partial(out, created)
+        _remove_partial(work, created)
         raise
     manifest.update(
         tokenizer={"file": TOKENIZER_FILE, "sha256": tokenizer.sha256, "bos_id": tokenizer.bos_id,
@@ -436,8 +445,35 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] | None = None) -> dic
         config=cfg.replace(corpus=cfg.resolved_corpus(), out_dir=str(out)).to_dict(),
         producer={"name": "smalltalk", "version": __version__},
     )
-    atomic_write_json(out / MANIFEST, manifest)
+    atomic_write_json(work / MANIFEST, manifest)
+    if replacing:
+        _swap_in(work, out)
     return manifest
+
+
+def _staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.prepare-staging"
+
+
+def _old_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.prepare-old"
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace the dataset `out` by the finished `staging` one: two renames, then drop the old one."""
+    old = _old_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_swap(out: Path) -> None:
+    """Finish a swap that was interrupted between its two renames; drop an old dataset left behind."""
+    staging = _staging_dir(out)
+    if not out.exists() and (staging / MANIFEST).is_file():
+        os.rename(staging, out)
+    shutil.rmtree(_old_dir(out), ignore_errors=True)
 
 
 def _up_to_date(out: Path, fingerprint: str) -> dict | None:
@@ -477,19 +513,28 @@ def _remove_partial(out: Path, created: bool) -> None:
 
 
 def _get_tokenizer(cfg: PrepareConfig, out: Path, planned: list[PlannedSource], given: TextTokenizer | None,
-                   tokenizer_fingerprint: str, log: Callable[[str], None]) -> tuple[TextTokenizer, bool]:
-    """The given tokenizer (copied into `out`), the one an interrupted run trained, or a new one."""
+                   tokenizer_fingerprint: str, log: Callable[[str], None],
+                   reuse_from: Path | None = None) -> tuple[TextTokenizer, bool]:
+    """The given tokenizer (copied into `out`), the one an interrupted run (or the dataset `reuse_from`
+    that `out` will replace) trained with the same settings, or a new one."""
     target = out / TOKENIZER_FILE
     if given is not None:
         atomic_write_bytes(target, Path(given.path).read_bytes())
         atomic_write_json(out / STATE, {"tokenizer_fingerprint": tokenizer_fingerprint, "tokenizer_sha256": given.sha256})
         return load_tokenizer(target), False
-    state = read_json(out / STATE) if (out / STATE).is_file() else {}
-    if state.get("tokenizer_fingerprint") == tokenizer_fingerprint and target.is_file():
-        tokenizer = load_tokenizer(target)
-        if tokenizer.sha256 == state.get("tokenizer_sha256"):
-            log(f"{target}: reusing the tokenizer trained by a previous run")
-            return tokenizer, True
+    for where in (out, reuse_from):
+        if where is None:
+            continue
+        state = read_json(where / STATE) if (where / STATE).is_file() else {}
+        if state.get("tokenizer_fingerprint") == tokenizer_fingerprint and (where / TOKENIZER_FILE).is_file():
+            tokenizer = load_tokenizer(where / TOKENIZER_FILE)
+            if tokenizer.sha256 == state.get("tokenizer_sha256"):
+                if where != out:
+                    atomic_write_bytes(target, (where / TOKENIZER_FILE).read_bytes())
+                    atomic_write_json(out / STATE, state)
+                    tokenizer = load_tokenizer(target)
+                log(f"{where / TOKENIZER_FILE}: reusing the tokenizer trained by a previous run")
+                return tokenizer, True
     train_files = [p for p in planned if p.split in ("train", HASH_SPLIT)]
     per_file = max(1, cfg.tokenizer_sample_bytes // max(1, len(train_files)))
     if cfg.max_bytes_per_file is not None:
