@@ -23,6 +23,32 @@ def corpus_dir() -> Path:
     return path
 
 
+# -- a small BPE tokenizer (1024) trained on a few validation documents, once per test module ----------------
+
+@pytest.fixture(scope="module")
+def text_domains() -> tuple[str, ...]:
+    """Corpus domains that `tokenizer_file` is trained on; a test module overrides this fixture to pick others."""
+    return ("wiki_en", "code_python", "novels_fr", "legal_en", "math_en")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(corpus_dir, text_domains, tmp_path_factory) -> Path:
+    from sample_text import documents
+
+    from smalltalk.data.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer(documents(corpus_dir, "valid", text_domains, 30), 1024, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_file):
+    from smalltalk.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_file)
+
+
 # -- a tiny trained mixture (2 routers, 2 experts) + dense baseline, for evaluation tests ---------------
 
 def _build_tiny_mixture(root: Path, corpus: Path) -> dict:

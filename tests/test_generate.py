@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 
 import pytest
 import torch
 
+from sample_text import documents
 from smalltalk.cli import main
 from smalltalk.errors import SmallTalkError
 from smalltalk.model.config import preset
 from smalltalk.model.generate import decode, encode, eos_token_id, generate, generate_batch, sample_next
 from smalltalk.model.io import save_model_dir
 from smalltalk.model.transformer import Transformer
-
-DOMAINS = ("wiki_en", "code_python", "novels_fr", "legal_en", "math_en")
-
-
-def documents(corpus_dir, split: str, per_domain: int) -> list[str]:
-    texts = []
-    for domain in DOMAINS:
-        with gzip.open(corpus_dir / split / f"{domain}.jsonl.gz", "rt", encoding="utf-8") as f:
-            for _, line in zip(range(per_domain), f):
-                texts.append(json.loads(line)["text"])
-    return texts
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(corpus_dir, tmp_path_factory):
-    from smalltalk.data.tokenizer import train_tokenizer
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(documents(corpus_dir, "valid", 30), 1024, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_file):
-    from smalltalk.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(tokenizer_file)
-
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
@@ -52,8 +23,8 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def prompts(corpus_dir):
-    texts = documents(corpus_dir, "test", 1)
+def prompts(corpus_dir, text_domains):
+    texts = documents(corpus_dir, "test", text_domains, 1)
     return [texts[0][:120], texts[1][:40], texts[2][:200]]  # wiki, code, French; different lengths
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 
 import pytest
 import torch
 
+from sample_text import documents
 from smalltalk.cli import main
 from smalltalk.errors import SmallTalkError
 from smalltalk.model.config import preset
@@ -20,37 +20,15 @@ from smalltalk.model.transformer import Transformer
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything below is local files
 transformers = pytest.importorskip("transformers")
 
-DOMAINS = ("wiki_en", "code_python", "novels_de", "legal_en", "math_en")
-
-
-def documents(corpus_dir, split: str, per_domain: int, min_chars: int = 0) -> list[str]:
-    texts = []
-    for domain in DOMAINS:
-        with gzip.open(corpus_dir / split / f"{domain}.jsonl.gz", "rt", encoding="utf-8") as f:
-            found = (text for text in (json.loads(line)["text"] for line in f) if len(text) >= min_chars)
-            texts.extend(text for _, text in zip(range(per_domain), found))
-    return texts
+@pytest.fixture(scope="module")
+def text_domains() -> tuple[str, ...]:
+    """The domains of the tokenizer and test texts here (overrides conftest's)."""
+    return ("wiki_en", "code_python", "novels_de", "legal_en", "math_en")
 
 
 @pytest.fixture(scope="module")
-def tokenizer_file(corpus_dir, tmp_path_factory):
-    from smalltalk.data.tokenizer import train_tokenizer
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(documents(corpus_dir, "valid", 30), 1024, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_file):
-    from smalltalk.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(tokenizer_file)
-
-
-@pytest.fixture(scope="module")
-def test_texts(corpus_dir):
-    return [text[:1500] for text in documents(corpus_dir, "test", 1, min_chars=1500)]
+def test_texts(corpus_dir, text_domains):
+    return [text[:1500] for text in documents(corpus_dir, "test", text_domains, 1, min_chars=1500)]
 
 
 def nontrivial_model(vocab_size: int, tie: bool) -> Transformer:
