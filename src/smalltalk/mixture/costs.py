@@ -16,45 +16,37 @@ the expert plus E routers on the M-hat-token routing prefix, vs the dense model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ..model.config import ModelConfig
-from ..model.flops import inference_flops, training_flops
+from ..model.flops import MixtureFlops, inference_flops, training_flops
 
 
-@dataclass
-class RunCosts:
-    num_experts: int
-    experts_training: int
-    routers_training: int
-    routers_sharding: int
-    experts_sharding: int
-    dense_training: int
-    expert_inference: int
-    routers_inference: int
-    dense_inference: int
+@dataclass(frozen=True)
+class RunCosts(MixtureFlops):
+    """The terms of `MixtureFlops`, counted from what the run did, with the overheads taken over the dense
+    baseline (the run report's "vs dense"). A run's dense model sees the experts' tokens, so the two readings
+    agree there; they differ only for a dense baseline trained on other counts."""
 
     @property
     def mixture_training(self) -> int:
-        return self.experts_training + self.routers_training + self.routers_sharding + self.experts_sharding
+        return self.total_training  # the name the run results (results.json) and report use
 
     @property
-    def training_overhead_pct(self) -> float:
-        return 100.0 * (self.mixture_training - self.dense_training) / self.dense_training
+    def training_overhead(self) -> int:
+        return self.total_training - self.dense_training
 
     @property
     def mixture_inference(self) -> int:
-        return self.expert_inference + self.routers_inference
+        return self.total_inference
 
     @property
-    def inference_overhead_pct(self) -> float:
-        return 100.0 * (self.mixture_inference - self.dense_inference) / self.dense_inference
+    def inference_overhead(self) -> int:
+        return self.total_inference - self.dense_inference
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(mixture_training=self.mixture_training, training_overhead_pct=self.training_overhead_pct,
-                 mixture_inference=self.mixture_inference, inference_overhead_pct=self.inference_overhead_pct)
-        return d
+    _DICT_KEYS = ("num_experts", "experts_training", "routers_training", "routers_sharding", "experts_sharding",
+                  "dense_training", "expert_inference", "routers_inference", "dense_inference",
+                  "mixture_training", "training_overhead_pct", "mixture_inference", "inference_overhead_pct")
 
 
 def run_costs(*, expert_cfg: ModelConfig, router_cfg: ModelConfig, num_experts: int, seq_len: int, prefix_len: int,
@@ -85,8 +77,7 @@ def _sci(x: float) -> str:
 
 def costs_markdown(c: RunCosts) -> str:
     """Table 3 style: dense, and mixture as 'dense-equivalent + overhead (↑ %)', plus the breakdown."""
-    over_train = c.mixture_training - c.dense_training
-    over_inf = c.mixture_inference - c.dense_inference
+    over_train, over_inf = c.training_overhead, c.inference_overhead
     lines = [
         "| Model | Training FLOPs | Inference FLOPs / sequence |",
         "|---|---|---|",

@@ -152,12 +152,14 @@ class MixtureFlops:
     def inference_overhead_pct(self) -> float:
         return 100.0 * self.inference_overhead / self.dense_inference
 
+    # The keys of `to_dict`, in order (a plain class attribute, not a field: a subclass names its own).
+    _DICT_KEYS = ("num_experts", "routers_training", "routers_sharding", "experts_training", "experts_sharding",
+                  "total_training", "dense_training", "training_overhead", "training_overhead_pct",
+                  "expert_inference", "routers_inference", "total_inference", "dense_inference",
+                  "inference_overhead", "inference_overhead_pct")
+
     def to_dict(self) -> dict:
-        names = ("num_experts", "routers_training", "routers_sharding", "experts_training", "experts_sharding",
-                 "total_training", "dense_training", "training_overhead", "training_overhead_pct",
-                 "expert_inference", "routers_inference", "total_inference", "dense_inference",
-                 "inference_overhead", "inference_overhead_pct")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in self._DICT_KEYS}
 
 
 def mixture_flops(
