@@ -14,26 +14,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._train_args import add_training_flags, apply_training_flags, summary_line
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train-expert", help="train one expert of a run on its data shard",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run directory (from `smalltalk run --until shard`)")
     p.add_argument("--expert", type=int, required=True, help="expert index K in 0..E-1")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_training_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..mixture.experts import train_expert
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    summary = train_expert(args.run, args.expert, progress=False if args.no_progress else None)
-    valid = summary.get("valid") or {}
-    print(f"expert {args.expert}: {summary['step']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs"
-          + (f", valid ppl on its segment {valid['ppl']:.2f}" if valid.get("ppl") else ""))
+    summary = train_expert(args.run, args.expert, progress=apply_training_flags(args))
+    print(summary_line(f"expert {args.expert}", summary, "valid ppl on its segment"))
     return 0
