@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import SmallTalkError
-from ..io import atomic_write_json, read_json
+from ..io import atomic_write_json, read_json, replace_dir
 from ..model.io import CONFIG_FILE, WEIGHTS_FILE, read_model_config, sha256_file
 
 FORMAT = "smalltalk-mixture"
@@ -214,19 +214,8 @@ def build_bundle(out: str | os.PathLike, *, router_dirs: Sequence[Path], expert_
             "fallback_rule": "empty prompt -> expert with the largest training share",
             "producer": {"smalltalk": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         })
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return read_bundle(out)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` is moved aside first and deleted after."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", suffix=".partial", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import SmallTalkError
-from ..io import atomic_write_json
+from ..io import atomic_dir, atomic_write_json
 from .config import ModelConfig
-from .io import TOKENIZER_FILE, _fsync_dir, _replace_dir, load_model_dir, unwrap_model, weights_state_dict
+from .io import TOKENIZER_FILE, load_model_dir, unwrap_model, weights_state_dict
 from .transformer import Transformer
 
 def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None,
@@ -107,9 +105,7 @@ def export_hf(model_dir_or_model: str | os.PathLike | torch.nn.Module, tokenizer
     dtype = next(model.parameters()).dtype
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         from safetensors.torch import save_file
 
         # transformers refuses safetensors files without format metadata.
@@ -120,11 +116,6 @@ def export_hf(model_dir_or_model: str | os.PathLike | torch.nn.Module, tokenizer
         atomic_write_json(tmp / "smalltalk_export.json", {
             "format": "smalltalk-hf-export", "version": 1, **source, "model_config": cfg.to_dict(),
             "tokenizer_sha256": tokenizer.sha256, "special_tokens": ids})
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

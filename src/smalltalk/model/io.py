@@ -20,7 +20,6 @@ import hashlib
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import SmallTalkError
-from ..io import atomic_write_json, read_json
+from ..io import atomic_dir, atomic_write_json, read_json
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -127,18 +126,11 @@ def save_model_dir(directory: str | os.PathLike, model: torch.nn.Module, tokeniz
         tokenizer_sha = sha256_file(tokenizer_file)
     config_json = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
                    "tokenizer_sha256": tokenizer_sha, "producer": _producer(), **(extra or {})}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         save_weights(tmp / WEIGHTS_FILE, model, metadata={"format": FORMAT})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         atomic_write_json(tmp / CONFIG_FILE, config_json)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -160,28 +152,3 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
     model = Transformer(cfg)
     load_weights(directory / WEIGHTS_FILE, model)
     return model.to(device).eval(), config_json
-
-
-def _fsync_dir(path: Path) -> None:
-    # Make the directory entries durable before the rename publishes them (no-op where unsupported).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename directory `src` to `dst`; an existing `dst` is moved aside first and deleted after."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", suffix=".partial", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
