@@ -14,7 +14,6 @@ These are payload bytes (no protocol headers), the quantity App. A.4 estimates.
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import sys
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SmallTalkError
-from ..train.distributed import resolve_device
+from ..train.distributed import init_distributed, resolve_device
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -98,19 +97,8 @@ class Workers:
 
 def init_workers(device: str = "auto", timeout_s: float = 1800.0) -> Workers:
     """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); else one worker."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Workers(device=resolve_device(device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    from ..train.distributed import DistInfo
-
-    dev = resolve_device(device, DistInfo(rank, world_size, local_rank))
-    if not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    return Workers(rank=rank, world_size=world_size, device=dev)
+    info = init_distributed(device, timeout_s)
+    return Workers(rank=info.rank, world_size=info.world_size, device=resolve_device(device, info))
 
 
 def shutdown_workers(workers: Workers) -> None:

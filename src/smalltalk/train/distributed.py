@@ -7,6 +7,7 @@ and only rank 0 writes files.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -45,8 +46,11 @@ def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
     return device
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group described by torchrun's environment; a no-op (rank 0 of 1) otherwise."""
+def init_distributed(device_name: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment; a no-op (rank 0 of 1) otherwise.
+
+    `timeout_s`: how long a collective waits for the other ranks before failing (None: torch's default).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
@@ -55,7 +59,8 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         device = resolve_device(device_name, info)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return info
 
 
