@@ -58,7 +58,7 @@ def render(results: dict, plots: dict[str, Path] | None = None, base: Path | Non
     verdict = "below" if ev["mixture"]["ppl"] < ev["dense"]["ppl"] else "NOT below"
     out += [f"Mixture of **{E} experts** routed on a **{M}-token prefix**: test perplexity "
             f"**{ev['mixture']['ppl']:.2f}** vs dense **{ev['dense']['ppl']:.2f}** "
-            f"({ev['improvement_pct']:+.2f}% lower, {verdict} dense) on {ev['num_seqs']} test sequences "
+            f"({ev['improvement_pct']:+.2f}% improvement: {verdict} dense) on {ev['num_seqs']} test sequences "
             f"({ev['num_tokens']:,} predicted tokens), at equal training tokens; training FLOPs "
             f"{costs.training_overhead_pct:+.2f}% and inference FLOPs {costs.inference_overhead_pct:+.2f}% vs dense.",
             ""]
