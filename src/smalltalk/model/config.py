@@ -125,8 +125,8 @@ PRESETS: dict[str, ModelConfig] = {
                              name="cpu-small"),
     # Capacity-starved experts and routers of the `smalltalk run --config tiny` quickstart mixture.
     "micro": ModelConfig(vocab_size=512, hidden_size=16, num_layers=1, num_heads=2, max_seq_len=128, name="micro"),
-    # Experts of the FLOP-fair CPU mixture (`smalltalk run --config cpu`): ~7x the FLOPs per token of a
-    # `micro` router, so E = 4 routers on a 32-token prefix add ~5% to one 256-token expert pass.
+    # Experts of the FLOP-fair CPU mixtures (`smalltalk run --config cpu` uses it 32 wide): many times the
+    # FLOPs per token of a `nano`/`micro` router, so E = 4 routers on a 32-token prefix add ~4-5%.
     # The smallest router: a near-bigram model (8 wide, one layer), cheap enough to route for `mini` experts.
     "nano": ModelConfig(vocab_size=512, hidden_size=8, num_layers=1, num_heads=2, max_seq_len=128, name="nano"),
     "mini": ModelConfig(vocab_size=512, hidden_size=48, num_layers=2, num_heads=4, max_seq_len=256, name="mini"),
