@@ -156,3 +156,16 @@ def test_other_tokenizer_types_work_the_same(model, tokenizer, tokenizer_file, p
     ours = generate(model, tokenizer, prompts[0], 15, greedy=True, ignore_eos=True)
     theirs = generate(model, raw, prompts[0], 15, greedy=True, ignore_eos=True)
     assert (theirs.token_ids, theirs.text) == (ours.token_ids, ours.text)
+
+
+def test_finished_long_row_does_not_push_the_batch_past_the_context(model, tokenizer, prompts):
+    """A full-context prompt that ends at once leaves its left padding on the other rows of the batch;
+    they must go on (as if alone) instead of growing the batch tensor past the context (GSM8K regression)."""
+    long_ids = encode(tokenizer, prompts[2] * 3)[-63:]  # 63 of 64 context tokens
+    short = prompts[1]
+    first = generate(model, tokenizer, long_ids, 1, greedy=True, ignore_eos=True).token_ids[0]
+    alone = generate(model, tokenizer, short, 20, greedy=True, eos_id=first)
+    assert len(alone.token_ids) >= 5, "precondition: the short row must outlive the long one by a few tokens"
+    long_res, short_res = generate_batch(model, tokenizer, [long_ids, short], 20, greedy=True, eos_id=first)
+    assert long_res.finish_reason == "eos" and long_res.token_ids == []
+    assert short_res.token_ids == alone.token_ids

@@ -127,7 +127,9 @@ def generate_batch(model: Transformer, tokenizer, prompts: Sequence[str | Sequen
         overflow = [b for b in active if len(windows[b]) > cfg.max_seq_len]
         for b in overflow:  # this row's context is full: it keeps its newest half
             windows[b] = windows[b][-max(1, cfg.max_seq_len // 2):]
-        if overflow:  # re-pad the rows and rebuild the cache from their windows
+        # The batch tensor is as wide as the longest row ever in it: once that row has finished, the
+        # others carry its left padding, which must not push the tensor past the context either.
+        if overflow or window.shape[1] + 1 > cfg.max_seq_len:  # re-pad the rows, rebuild the cache
             window, real = _pad_left([windows[b] for b in active], device)
             caches, cached = None, 0
         else:
