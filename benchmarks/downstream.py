@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     env = result["environment"]
     head = [f"# Downstream benchmark: mixture vs dense (paper App. B)", "",
             f"Run `{run}`, {result['num_experts']} experts, routing prefix {result['prefix_len']} tokens; "
-            f"limit {args.limit or 'none'} items per task; wall {wall:.0f} s (mixture {report['seconds'].get('mixture')} s, "
+            f"{f'limit {args.limit} items per task' if args.limit else 'all items of every task'}; wall {wall:.0f} s (mixture {report['seconds'].get('mixture')} s, "
             f"dense {report['seconds'].get('dense')} s), {env['torch_threads']} torch threads on {env['cpus']} CPUs, "
             f"load average {env['loadavg_before'][0]:.1f} -> {env['loadavg_after'][0]:.1f} (shared machine).",
             "", "Reproduce: `python benchmarks/downstream.py --run-dir RUN" +

@@ -282,8 +282,8 @@ def to_markdown(report: dict) -> str:
     num_experts = (cmp_["routing"] or {}).get("num_experts")
     head_mix = f"mixture ({num_experts} experts)" if num_experts else "mixture"
     lines = ["## Downstream evaluation: mixture vs dense", "",
-             f"lm-eval {report['lm_eval_version']}, zero-shot unless stated, limit {cfg['limit'] or 'none'} items "
-             f"per task, routing prefix {report.get('prefix_len')} tokens, empty contexts (BLiMP) routed by "
+             f"lm-eval {report['lm_eval_version']}, zero-shot unless stated, "
+             f"{'limit %d items per task' % cfg['limit'] if cfg['limit'] else 'all items of every task'}, routing prefix {report.get('prefix_len')} tokens, empty contexts (BLiMP) routed by "
              f"{'the scored sentence' if cfg.get('empty_context', 'sequence') == 'sequence' else 'the fallback expert'}. "
              "Value ± stderr; the better one in bold, ties both bold.", ""]
     s = cmp_["summary"]
