@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # A dense `cpu-small` LM on the full sample corpus, on CPU: prepare -> train -> evaluate -> generate -> export.
 # Resumable: re-run the same command after an interruption (prepare is idempotent, train resumes).
-# Usage: recipes/cpu_small_dense.sh [MAX_STEPS]   (default: the cpu-small preset's 500 steps)
+# Usage: recipes/cpu_small_dense.sh [MAX_STEPS]   (default: the cpu-small preset's 500 steps, ~9 min on 2 idle
+# cores; the cosine schedule spans MAX_STEPS, so another MAX_STEPS is another run: runs/cpu-small-dense-STEPS)
 set -euo pipefail
 STEPS=${1:-500}
+SUFFIX=$([ "$STEPS" = 500 ] && echo "" || echo "-$STEPS")
 DATA=runs/data-cpu
-RUN=runs/cpu-small-dense
-OUT=benchmarks/results/cpu_small_dense
+RUN=runs/cpu-small-dense$SUFFIX
+OUT=benchmarks/results/cpu_small_dense${SUFFIX//-/_}
 mkdir -p "$OUT"
 smalltalk prepare --preset cpu --out "$DATA"
 smalltalk train --data "$DATA" --model-preset cpu-small --train-preset cpu-small --out "$RUN" \
