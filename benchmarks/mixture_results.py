@@ -1,11 +1,12 @@
 """The paper's main result at CPU scale: mixture vs dense test perplexity at equal training tokens/FLOPs.
 
 For each E (default 4; also 2 and 8 with --experts 2,4,8) this is `smalltalk run --config cpu-eE`
-(all 10 domains of the sample corpus at a 512-token vocabulary, `mini` experts, `micro` routers,
-M = 32: equal training FLOPs with the routers counted, +5% inference FLOPs at E = 4): router EM,
-sharding, E experts, the dense baseline (same steps, E x the batch), the bundle, evaluation on the
-test split, and the run report. Every stage is resumable, so a killed benchmark continues where it
-stopped when re-run with the same arguments. About an hour on 2 idle CPU cores; on a GPU machine
+(all 10 domains of the sample corpus at a 512-token vocabulary, 42k-parameter experts of the `mini`
+shape, `nano` routers, M = 32: equal training FLOPs with the routers counted, +4% inference FLOPs at
+E = 4): router EM, sharding, E experts, the dense baseline (same steps, E x the batch), the bundle,
+evaluation on the test split, and the run report. Every stage is resumable, so a killed benchmark
+continues where it stopped when re-run with the same arguments. About 25 minutes on 2 idle CPU cores
+(benchmarks/results/explore/README.md has the other settings tried); on a GPU machine
 pass --device cuda. `--preset cpu-small` is the same pipeline with 5.3M-parameter experts (hours).
 
     python benchmarks/mixture_results.py                          # E = 4, runs/bench-cpu-e4
