@@ -11,22 +11,18 @@ import numpy as np
 
 from .output import improvement_pct, markdown_table, pct, pyplot, save_figure
 from .prefix_length import default_prefix_lens, router_context
-from .runs import RunView
+from .runs import RunView, ScoreSettings
 from .scores import TestScores, check_lm_prefix_len, router_logp, routes_from_logp
 
 EM_LABEL = "EM routers (the run)"
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(ScoreSettings):
     prefix_lens: list[int] = field(default_factory=list)
     """M-hat values to compare at (empty: 8, 16, 32, ... up to the context, plus M)."""
     seed: int | None = None
     """Seed of the baseline's partition (None: the run's seed)."""
-    split: str = "test"
-    max_seqs: int = 0
-    batch_size: int = 16
-    device: str = "auto"
     train: bool = True
     """Train the baseline's experts (resumable); False only evaluates experts already trained."""
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import SmallTalkError
 from .output import improvement_pct, markdown_table, pct, pyplot, save_figure, write_analysis
-from .runs import RunView, open_run
+from .runs import RunView, ScoreSettings, open_run
 from .scores import check_lm_prefix_len, router_logp, routes_from_logp
 
 NAME = "prefix-length"
@@ -36,14 +36,9 @@ def default_prefix_lens(train_prefix_len: int, context: int) -> list[int]:
 
 
 @dataclass
-class PrefixLengthConfig:
+class PrefixLengthConfig(ScoreSettings):
     prefix_lens: list[int] = field(default_factory=list)
     """M-hat values (empty: `default_prefix_lens`)."""
-    split: str = "test"
-    max_seqs: int = 0
-    """Evenly spaced subset of the split (0: all)."""
-    batch_size: int = 16
-    device: str = "auto"
 
 
 def router_context(view: RunView) -> int:
@@ -60,8 +55,7 @@ def sweep_run(view: RunView, cfg: PrefixLengthConfig, log: Callable[[str], None]
     context = router_context(view)
     lens = cfg.prefix_lens or default_prefix_lens(view.prefix_len, context)
     lens = sorted({check_lm_prefix_len(m, context, f"the routers' context in {view.root}") for m in lens})
-    scores = view.scores(split=cfg.split, max_seqs=cfg.max_seqs, batch_size=cfg.batch_size, device=cfg.device,
-                         log=log)
+    scores = view.scores(cfg, log=log)
     logp = router_logp(view.routers_dir, view.data_dir, scores.indices, max(lens + [view.prefix_len]),
                        split=cfg.split, device=cfg.device)  # (N, E, P-1)
     reference = routes_from_logp(logp, min(view.prefix_len, logp.shape[2] + 1))  # routing at M-hat = M

@@ -52,10 +52,8 @@ def analyze_random_shards(run_dir: str | Path, cfg: BaselineConfig | None = None
     derived = train_derived_experts(root, log=say) if cfg.train else open_run(root)
 
     lens = comparison_prefix_lens(parent, cfg)
-    base = parent.scores(split=cfg.split, max_seqs=cfg.max_seqs, batch_size=cfg.batch_size, device=cfg.device,
-                         log=say)
-    mine = derived.scores(split=cfg.split, max_seqs=cfg.max_seqs, batch_size=cfg.batch_size, device=cfg.device,
-                          log=say)
+    base = parent.scores(cfg, log=say)
+    mine = derived.scores(cfg, log=say)
     dense = base.dense_ppl()
     rows, em_nll = em_rows(parent, base, lens, cfg)
     routes = {m: mine.self_scores(m).argmax(axis=1) for m in lens}

@@ -24,18 +24,15 @@ from ..errors import SmallTalkError
 from ..io import read_json
 from .output import improvement_pct, markdown_table, pct, pyplot, save_figure, write_analysis
 from .partitions import adjusted_rand, best_matching
-from .runs import RunView, open_run
+from .runs import RunView, ScoreSettings, open_run
 from .scores import router_logp, routes_from_logp
 
 NAME = "router-size"
 
 
 @dataclass
-class RouterSizeConfig:
-    split: str = "test"
-    max_seqs: int = 0
-    batch_size: int = 16
-    device: str = "auto"
+class RouterSizeConfig(ScoreSettings):
+    """Settings of the router-size comparison: only which sequences are scored."""
 
 
 def router_params(view: RunView) -> tuple[str, int]:
@@ -89,8 +86,7 @@ def analyze_router_size(run_dir: str | Path, compare: Sequence[tuple[str | None,
         expert_params = v.config.expert_model.replace(vocab_size=int(read_json(v.data_dir / "manifest.json")
                                                                      ["vocab_size"])).num_params()
         name = label or f"{preset} router"
-        scores = v.scores(split=cfg.split, max_seqs=cfg.max_seqs, batch_size=cfg.batch_size, device=cfg.device,
-                          log=log)
+        scores = v.scores(cfg, log=log)
         M = v.prefix_len
         routes = routes_from_logp(router_logp(v.routers_dir, v.data_dir, scores.indices, M, split=cfg.split,
                                               device=cfg.device), M)

@@ -16,6 +16,17 @@ from .scores import CACHE_DIR, TestScores, score_models
 
 
 @dataclass
+class ScoreSettings:
+    """Which sequences an analysis scores, and how; every analysis config extends this."""
+
+    split: str = "test"
+    max_seqs: int = 0
+    """Evenly spaced subset of the split (0: all)."""
+    batch_size: int = 16
+    device: str = "auto"
+
+
+@dataclass
 class RunView:
     root: Path
     layout: RunLayout
@@ -44,10 +55,11 @@ class RunView:
     def label(self) -> str:
         return str(self.config.name)
 
-    def scores(self, *, split: str = "test", max_seqs: int = 0, batch_size: int = 16, device: str = "auto",
-               log=None) -> TestScores:
-        return score_models(self.expert_dirs, self.dense_dir, self.data_dir, split=split, max_seqs=max_seqs,
-                            batch_size=batch_size, device=device, cache_dir=self.root / ANALYSIS_DIR / CACHE_DIR,
+    def scores(self, settings: ScoreSettings | None = None, log=None) -> TestScores:
+        """Every expert's and the dense model's per-token NLL on `settings.split` (cached in the run)."""
+        s = settings or ScoreSettings()
+        return score_models(self.expert_dirs, self.dense_dir, self.data_dir, split=s.split, max_seqs=s.max_seqs,
+                            batch_size=s.batch_size, device=s.device, cache_dir=self.root / ANALYSIS_DIR / CACHE_DIR,
                             log=log)
 
     def train_assignment(self) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .output import improvement_pct, markdown_table, pct, pyplot, save_figure, write_analysis
 from .partitions import nmi
-from .runs import open_run
+from .runs import ScoreSettings, open_run
 from .scores import TestScores, router_logp, routes_from_logp
 
 NAME = "specialisation"
@@ -25,11 +25,8 @@ TOP_DOMAINS = 3
 
 
 @dataclass
-class SpecialisationConfig:
-    split: str = "test"
-    max_seqs: int = 0
-    batch_size: int = 16
-    device: str = "auto"
+class SpecialisationConfig(ScoreSettings):
+    """Settings of the specialisation analysis: only which sequences are scored."""
 
 
 def domain_table(assignment: np.ndarray, domains: np.ndarray, num_experts: int, num_domains: int) -> np.ndarray:
@@ -97,8 +94,7 @@ def analyze_specialisation(run_dir: str | Path, cfg: SpecialisationConfig | None
 
     cfg = cfg or SpecialisationConfig()
     view = open_run(run_dir)
-    scores = view.scores(split=cfg.split, max_seqs=cfg.max_seqs, batch_size=cfg.batch_size, device=cfg.device,
-                         log=log)
+    scores = view.scores(cfg, log=log)
     M = view.prefix_len
     logp = router_logp(view.routers_dir, view.data_dir, scores.indices, M, split=cfg.split, device=cfg.device)
     routes = routes_from_logp(logp, M)

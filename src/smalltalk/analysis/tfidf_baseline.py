@@ -87,10 +87,8 @@ def analyze_tfidf(run_dir: str | Path, cfg: TfidfBaselineConfig | None = None,
                                {"method": "tfidf", "fit_prefix_len": fit_len, "tfidf": tcfg.to_dict()})
     derived = train_derived_experts(root, log=say) if cfg.train else open_run(root)
 
-    base = parent.scores(split=cfg.split, max_seqs=cfg.max_seqs, batch_size=cfg.batch_size, device=cfg.device,
-                         log=say)
-    mine = derived.scores(split=cfg.split, max_seqs=cfg.max_seqs, batch_size=cfg.batch_size, device=cfg.device,
-                          log=say)
+    base = parent.scores(cfg, log=say)
+    mine = derived.scores(cfg, log=say)
     dense = base.dense_ppl()
     rows, em_nll = em_rows(parent, base, lens, cfg)
     routes_at = {m: route_tfidf(router, parent, cfg.split, base.indices, m) for m in lens}

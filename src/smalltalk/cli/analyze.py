@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SmallTalkError
+from ._eval_args import add_scoring_flags
 
 ANALYSES = ("prefix-length", "router-size", "tfidf", "random-shards", "specialisation")
 
@@ -35,17 +36,13 @@ def add_parser(subparsers) -> None:
                         "router-size: runs with other router sizes); repeatable")
     p.add_argument("--prefix-lens", help="comma-separated routing prefix lengths M-hat (default: 8,16,32,... up to "
                                          "the routers' context, plus M)")
-    p.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")
-    p.add_argument("--max-seqs", type=int, default=0,
-                   help="evaluate an evenly spaced subset of this many sequences (default: 0 = all)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: %(default)s)")
+    add_scoring_flags(p)
     p.add_argument("--seed", type=int, help="tfidf / random-shards: seed of the partition (default: the run's)")
     p.add_argument("--fit-prefix-len", type=int,
                    help="tfidf: tokens of each training sequence to cluster (default: the run's M)")
     p.add_argument("--svd-dim", type=int, help="tfidf: SVD dimensions (default: 100)")
     p.add_argument("--no-train", action="store_true",
                    help="tfidf / random-shards: only evaluate experts that are already trained")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import SmallTalkError
+from ._eval_args import add_scoring_flags
 
 
 def add_parser(subparsers) -> None:
@@ -23,12 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bundle", type=Path, help="mixture bundle directory")
     p.add_argument("--dense", type=Path, help="dense baseline model directory")
     p.add_argument("--data", type=Path, help="prepared data directory")
-    p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--max-seqs", type=int, default=0, help="evenly spaced subset of this many sequences (0: all)")
+    add_scoring_flags(p)
     p.add_argument("--prefix-lens", default="", help="comma-separated extra routing prefix lengths M-hat")
     p.add_argument("--top-k", type=int, default=2, help="also report top-k soft mixing (0: off)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--out", type=Path, help="write the full results as JSON here")
     p.set_defaults(func=run)
 

@@ -9,16 +9,15 @@ import argparse
 import json
 from pathlib import Path
 
+from ._eval_args import add_scoring_flags
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="perplexity and bits per byte of a model on a data split",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path, help="model directory (e.g. RUN_DIR/model)")
     p.add_argument("--data", type=Path, required=True, help="prepared data directory (from `smalltalk prepare`)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--max-seqs", type=int, default=0, help="evaluate an evenly spaced subset of N sequences (0: all)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_scoring_flags(p)
     p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
     p.set_defaults(func=run)
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .. import __version__
+from ..config_dict import DictConfig
 from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temps
 from ..paths import default_corpus_dir
@@ -60,7 +61,9 @@ _NOT_TOKENIZER_IDENTITY = ("seq_len", "seqs_per_shard")
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(DictConfig):
+    config_kind = "prepare config"
+
     corpus: tuple[str, ...] = ()
     """Corpus sources: directories, files, globs or ``hf:<name>[:<config>][:<split>]``; empty = the sample corpus
     (``$SMALLTALK_CORPUS``, else ``../shared/corpus``)."""
@@ -143,17 +146,6 @@ class PrepareConfig:
         d = dataclasses.asdict(self)
         d["corpus"], d["meta_fields"] = list(self.corpus), list(self.meta_fields)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PrepareConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SmallTalkError(f"prepare config: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "PrepareConfig":
-        return dataclasses.replace(self, **changes)
 
 
 PREPARE_PRESETS: dict[str, PrepareConfig] = {

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config_dict import check_known_keys
 from ..errors import SmallTalkError
 from ..model.config import PRESETS as MODEL_PRESETS
 from ..model.config import ModelConfig
@@ -60,11 +61,7 @@ def _section(kind: str, value: Any, presets: dict, cls) -> Any:
         if name not in presets:
             raise SmallTalkError(f"run config: {kind}.preset={name!r} is unknown; choose one of {', '.join(presets)}")
         base = presets[name]
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(value) - known
-        if unknown:
-            raise SmallTalkError(f"run config: {kind} has unknown keys {sorted(unknown)}; known keys are "
-                                 f"{sorted(known)}")
+        check_known_keys(cls, value, f"run config: {kind}")
         return dataclasses.replace(base, **value)
     return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
 
@@ -161,10 +158,7 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         d = dict(d)
         base = d.pop("preset", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SmallTalkError(f"run config: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+        check_known_keys(cls, d, "run config")
         if "routers" in d and isinstance(d["routers"], dict):
             d["routers"] = {k: v for k, v in d["routers"].items() if k != "num_seqs_resolved"}
         if base is None:

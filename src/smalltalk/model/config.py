@@ -11,14 +11,16 @@ vocabulary of its tokenizer replaces it (``preset(name, vocab_size=...)``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
+from ..config_dict import DictConfig
 from ..errors import SmallTalkError
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
+    config_kind = "model config"
+
     vocab_size: int = 32000
     """Token vocabulary (the tokenizer's, including special tokens)."""
     hidden_size: int = 96
@@ -75,20 +77,6 @@ class ModelConfig:
         if include_embeddings:
             total += V * H if self.tie_embeddings else 2 * V * H
         return total
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SmallTalkError(f"model config: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
         """One line: name, parameter counts (total and without embeddings) and shape."""

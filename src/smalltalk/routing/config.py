@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..config_dict import DictConfig
 from ..errors import SmallTalkError
 from ..model.config import PRESETS
 from ..train.config import TrainConfig
@@ -21,7 +22,9 @@ SCORE_DTYPES = ("float32", "float16")
 
 
 @dataclass
-class RouterEMConfig:
+class RouterEMConfig(DictConfig):
+    config_kind = "router EM config"
+
     num_experts: int = 4
     """E: routers (= experts); at least 2."""
     prefix_len: int = 64
@@ -120,15 +123,7 @@ class RouterEMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterEMConfig":
-        d = {k: v for k, v in d.items() if k != "num_seqs_resolved"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SmallTalkError(f"router EM config: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "RouterEMConfig":
-        return dataclasses.replace(self, **changes)
+        return super().from_dict({k: v for k, v in d.items() if k != "num_seqs_resolved"})
 
     def describe(self) -> str:
         return (f"{self.name}: E={self.num_experts} routers ({self.router_preset}), M={self.prefix_len}, "

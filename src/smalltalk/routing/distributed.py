@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SmallTalkError
-from ..train.distributed import init_distributed, resolve_device
+from ..train.distributed import RankRole, init_distributed, resolve_device
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
-class Workers:
+class Workers(RankRole):
     """This process's place among the EM workers, and the bytes it has exchanged."""
 
     rank: int = 0
@@ -41,14 +41,6 @@ class Workers:
     bytes_received: int = 0
     collectives: int = 0
     """Score all-gathers done by this process (bytes_* count their payload, see the module docstring)."""
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def owned(self, num_experts: int) -> list[int]:
         """Routers this rank trains and scores with: e % world_size == rank."""

@@ -7,9 +7,9 @@ optimization trajectory on 1 process or N (up to float reduction order).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
+from ..config_dict import DictConfig
 from ..errors import SmallTalkError
 
 SCHEDULES = ("cosine", "constant")
@@ -17,7 +17,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
+    config_kind = "train config"
+
     lr: float = 5e-4
     """Peak learning rate, reached at the end of warm-up."""
     min_lr_ratio: float = 0.1
@@ -101,20 +103,6 @@ class TrainConfig:
             raise SmallTalkError(f"train config: batch_size={self.batch_size} is not divisible by grad_accum "
                                  f"({self.grad_accum}) x world size ({world_size}); change --batch-size")
         return self.batch_size // per_step
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SmallTalkError(f"train config: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
         prefix = "" if self.loss_prefix_len is None else f", loss on first {self.loss_prefix_len} tokens"

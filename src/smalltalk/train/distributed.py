@@ -15,19 +15,28 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+class RankRole:
+    """`enabled` / `is_main` for anything with `rank` and `world_size` (trainer ranks, EM workers)."""
+
+    rank: int
+    world_size: int
 
     @property
     def enabled(self) -> bool:
+        """More than one process: collectives are needed."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the one that writes files and prints."""
         return self.rank == 0
+
+
+@dataclass(frozen=True)
+class DistInfo(RankRole):
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
 
 
 def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
