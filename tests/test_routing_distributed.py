@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 from smalltalk.cli import main
 from smalltalk.data.shards import TokenDataset
 from smalltalk.routing.em import routers_dir
+from smalltalk.routing.sharding import load_assignment
 
 E, T = 3, 3  # 3 routers over 2 workers: rank 0 owns routers 0 and 2, rank 1 owns router 1
 EM_FLAGS = ["--preset", "tiny", "--num-experts", str(E), "--iterations", str(T), "--threads", "1", "--device", "cpu"]
@@ -178,11 +179,20 @@ def test_shard_on_two_workers_matches_one_process_and_loses_nothing(runs, small_
     info = m1["splits"]["train"]
     assert info["num_seqs"] == n == 1500 and sum(info["counts"]) == n and info["num_chunks"] == 4
     assert max(info["counts"]) - min(info["counts"]) <= info["num_chunks"]  # balanced within every chunk
-    assignment = np.concatenate([np.load(one / "work" / f"train_assign_{c:06d}.npy")
-                                 for c in range(info["num_chunks"])])
+    assignment = load_assignment(one)
+    # Chunks are seeded samples of the whole split, not runs of consecutive sequences: prepared data is stored one
+    # domain after another, and balancing a one-domain chunk would spread that domain evenly over every expert.
+    split_domains = np.bincount(source.domains(), minlength=10)
+    for c in range(info["num_chunks"]):
+        per_domain = np.asarray(json.loads((one / "work" / f"train_chunk_{c:06d}.json").read_text())
+                                ["domain_counts"]).sum(axis=0)  # (D,)
+        assert (per_domain[:len(split_domains)][split_domains >= 40] > 0).all(), (c, per_domain, split_domains)
+    chunks = [(np.load(one / "work" / f"train_index_{c:06d}.npy"), np.load(one / "work" / f"train_assign_{c:06d}.npy"))
+              for c in range(info["num_chunks"])]
     for e in range(E):
         expert = TokenDataset.from_dir(one / f"expert_{e}" / "train")
-        mine = np.flatnonzero(assignment == e)
+        mine = np.concatenate([idx[a == e] for idx, a in chunks])  # chunk by chunk, ascending within a chunk
+        np.testing.assert_array_equal(np.sort(mine), np.flatnonzero(assignment == e))
         assert len(expert) == len(mine) == info["counts"][e]
         np.testing.assert_array_equal(expert.get(np.arange(len(expert))), source.get(mine))
         np.testing.assert_array_equal(expert.domains(), source.domains(mine))

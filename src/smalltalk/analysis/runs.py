@@ -100,7 +100,7 @@ def open_run(run_dir: str | Path, *, need_experts: bool = True) -> RunView:
 
 
 def load_train_assignment(shards_dir: Path, split: str = "train") -> np.ndarray:
-    files = sorted((Path(shards_dir) / "work").glob(f"{split}_assign_*.npy"))
-    if not files:
-        raise SmallTalkError(f"{Path(shards_dir) / 'work'}: no {split}_assign_*.npy files; shard the data first")
-    return np.concatenate([np.load(f).astype(np.int64) for f in files])
+    """(num_seqs,) expert of every sequence of `split`, in the split's order."""
+    from ..routing.sharding import load_assignment
+
+    return load_assignment(shards_dir, split)

@@ -3,8 +3,9 @@
     smalltalk shard --data DATA_DIR --routers RUN_DIR/routers --out SHARDS_DIR
     torchrun --nproc_per_node 2 -m smalltalk shard ...        # chunks split over 2 workers
 
-Each chunk of sequences is scored by all routers on its prefix and balanced-assigned; expert e's
-sequences go to SHARDS_DIR/expert_{e}/ (a prepared-data directory: `smalltalk train --data` reads it).
+Each chunk (a seeded random sample of the split) is scored by all routers on its prefix and
+balanced-assigned; expert e's sequences go to SHARDS_DIR/expert_{e}/ (a prepared-data directory:
+`smalltalk train --data` reads it).
 Re-running the same command resumes with the chunks not yet written.
 """
 
@@ -24,6 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, help="output directory for the expert datasets")
     p.add_argument("--chunk-size", type=int, help="sequences balanced-assigned together (default: the routers' "
                                                   "sequences per EM iteration)")
+    p.add_argument("--seed", type=int, help="which sequences share a chunk (default: the routers' EM seed)")
     p.add_argument("--splits", default="train", help="comma-separated splits to shard (default: train)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per batched scoring pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     workers = init_workers(args.device)
     try:
         manifest = shard_dataset(args.data, args.routers, args.out, chunk_size=args.chunk_size, splits=splits,
-                                 batch_size=args.batch_size, workers=workers)
+                                 seed=args.seed, batch_size=args.batch_size, workers=workers)
     finally:
         shutdown_workers(workers)
     if workers.is_main:
