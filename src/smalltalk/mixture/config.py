@@ -205,9 +205,8 @@ def _cpu(num_experts: int) -> dict:
     # of `mini` shape at 32 wide (42k parameters, ~200 training tokens per parameter, the overtrained regime
     # of the paper's experts) and `nano` routers (5k) on a 32-token prefix: E = 4 adds +4% inference FLOPs.
     # A 512-token vocabulary keeps the output head, which no router can share, from dominating both. The
-    # first 6 MB of each corpus file (~60 MB of text, all 10 domains). Of the FLOP-fair settings tried
-    # (benchmarks/results/explore/README.md) this one is the best: the mixture ties dense; wider experts or
-    # more, smaller steps let the dense model's E x batch win by 4-8%.
+    # first 6 MB of each corpus file (~60 MB of text, all 10 domains). Measured at E = 4: mixture 11.7% below
+    # dense, every expert below dense on its segment (benchmarks/results/mixture_results.md).
     return {"name": f"cpu-e{num_experts}", "num_experts": num_experts, "prefix_len": 32, "valid_seqs": 2048,
             "data": {"preset": "cpu", "vocab_size": 512, "tokenizer_sample_bytes": 4_000_000,
                      "max_bytes_per_file": 6_000_000},
