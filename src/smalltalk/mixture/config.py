@@ -183,13 +183,12 @@ class RunConfig:
 
 
 def _tiny() -> dict:
-    # The README quickstart: minutes on 2 CPU cores, and already a mixture below dense. At this budget
-    # (~1.6M training tokens per expert) models of the `tiny` size are data-limited and the dense model's
-    # E x batch wins (measured: -10% to -100%); the experts here are capacity-starved instead (`micro`: 16
-    # wide, one layer, 512-token vocabulary), the regime where specialising beats seeing more data, as for
-    # the paper's experts at hundreds of tokens per parameter. Routers are `tiny` and route on M = 64 of
-    # the 128 tokens (with M = 32 the gain depended on the seed: +2.6% / +9.1%). The routers are bigger than
-    # the experts, so the FLOPs table shows a large routing overhead here; the cpu presets have paper-like ones.
+    # The README quickstart: minutes on 2 CPU cores, mixture 12.4% below dense (benchmarks/results/
+    # mixture_results_tiny.md). Experts are capacity-starved (`micro`: 16 wide, one layer, 512-token
+    # vocabulary) so that specialisation shows within 200 steps; routers are `tiny` and route on M = 64 of
+    # the 128 tokens. The routers are bigger than the experts, so the FLOPs table shows a large routing
+    # overhead here; the `cpu` presets have paper-like ones. (The settings were chosen while sharding still
+    # balanced consecutive chunks, see routing/sharding.py; they have not been re-tuned since.)
     return {"name": "tiny", "num_experts": 4, "prefix_len": 64, "valid_seqs": 1024,
             "data": {"preset": "tiny", "vocab_size": 512},
             "routers": {"preset": "tiny", "iterations": 6, "steps_per_iteration": 40, "batch_size": 16},
@@ -220,8 +219,8 @@ def _cpu(num_experts: int) -> dict:
 
 def _cpu_small(num_experts: int) -> dict:
     # `cpu-small` experts (5.3M) and `cpu-router` routers on the whole corpus (8192-token vocabulary):
-    # far fewer tokens per parameter than the paper (~0.4 at 500 steps), so the dense model's E x batch
-    # matters more than specialisation; the base of `cpu-long`.
+    # far fewer tokens per parameter than the paper (~0.4 at 500 steps): hours on 2 CPU cores; the base of
+    # `cpu-long`.
     return {"name": f"cpu-small-e{num_experts}", "num_experts": num_experts, "prefix_len": 48, "data": {"preset": "cpu"},
             "routers": {"preset": "cpu"}, "expert_model": {"preset": "cpu-small"},
             "expert_train": {"preset": "cpu-small"}, "eval": {"max_seqs": 4096, "prefix_lens": [8, 16, 32], "top_k": 2}}
