@@ -64,7 +64,9 @@ class RunView:
 
     def train_assignment(self) -> np.ndarray:
         """(num_train_seqs,) expert of every training sequence, from the shards' per-chunk assignment files."""
-        return load_train_assignment(self.layout.shards)
+        from ..routing.sharding import load_assignment
+
+        return load_assignment(self.layout.shards)
 
     def domain_names(self) -> list[str]:
         return list(read_json(self.data_dir / "manifest.json").get("domains") or [])
@@ -97,10 +99,3 @@ def open_run(run_dir: str | Path, *, need_experts: bool = True) -> RunView:
     routers = layout.routers if (layout.routers / "manifest.json").is_file() else None
     return RunView(root, layout, cfg, experts, dense if (dense / "model.safetensors").is_file() else None,
                    routers, layout.data)
-
-
-def load_train_assignment(shards_dir: Path, split: str = "train") -> np.ndarray:
-    """(num_seqs,) expert of every sequence of `split`, in the split's order."""
-    from ..routing.sharding import load_assignment
-
-    return load_assignment(shards_dir, split)

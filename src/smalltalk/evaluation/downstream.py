@@ -281,10 +281,11 @@ def to_markdown(report: dict) -> str:
     cfg, cmp_ = report["config"], report["comparison"]
     num_experts = (cmp_["routing"] or {}).get("num_experts")
     head_mix = f"mixture ({num_experts} experts)" if num_experts else "mixture"
+    items = f"limit {cfg['limit']} items per task" if cfg["limit"] else "all items of every task"
+    empty = "the scored sentence" if cfg.get("empty_context", "sequence") == "sequence" else "the fallback expert"
     lines = ["## Downstream evaluation: mixture vs dense", "",
-             f"lm-eval {report['lm_eval_version']}, zero-shot unless stated, "
-             f"{'limit %d items per task' % cfg['limit'] if cfg['limit'] else 'all items of every task'}, routing prefix {report.get('prefix_len')} tokens, empty contexts (BLiMP) routed by "
-             f"{'the scored sentence' if cfg.get('empty_context', 'sequence') == 'sequence' else 'the fallback expert'}. "
+             f"lm-eval {report['lm_eval_version']}, zero-shot unless stated, {items}, routing prefix "
+             f"{report.get('prefix_len')} tokens, empty contexts (BLiMP) routed by {empty}. "
              "Value ± stderr; the better one in bold, ties both bold.", ""]
     s = cmp_["summary"]
     if s["tasks"]:

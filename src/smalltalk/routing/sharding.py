@@ -171,13 +171,12 @@ def _shard_chunk(stacked: StackedRouters, ds, split: str, c: int, idx: np.ndarra
     is written last."""
     t0 = time.perf_counter()
     E = stacked.num_routers
-    chunk_size = len(idx)
     assignment = balanced_assignment(score_dataset(stacked, ds, idx, prefix_len, batch_size))  # (n,)
     domains = ds.domains(idx)  # carried along into the expert shards (analysis metadata, not used to route)
     for e in range(E):
         mine = assignment == e
         if mine.any():  # ascending index order; shard_{c} in every expert directory holds chunk c
-            writer = ShardWriter(out / f"expert_{e}" / split, ds.seq_len, ds.vocab_size, seqs_per_shard=chunk_size,
+            writer = ShardWriter(out / f"expert_{e}" / split, ds.seq_len, ds.vocab_size, seqs_per_shard=len(idx),
                                  start_shard=c)
             writer.add(ds.get(idx[mine]), domains[mine])
             writer.close()
