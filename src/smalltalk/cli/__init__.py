@@ -28,6 +28,7 @@ COMMANDS = [
     "route",
     "eval_mixture",
     "eval_downstream",
+    "serve",
     "run",
     "analyze",
 ]

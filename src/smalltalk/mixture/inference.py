@@ -12,7 +12,8 @@ Eq. 6-7; no balancing at inference). Ties go to the lower expert index.
 The routing window of a text prompt is its first M-hat tokens (default: the M the routers were
 trained with), preceded by EOS: every document in the packed training stream follows an EOS, so
 EOS is the context a document's first token was seen in, and even a one-token prompt gets a real
-score. A prompt shorter than M-hat uses all its tokens. A prompt with no tokens goes to the
+score; a prompt that already starts with EOS (as lm-eval sends an empty context) keeps that one
+boundary. A prompt shorter than M-hat uses all its tokens. A prompt with no tokens goes to the
 bundle's fallback expert (the one with the largest training share). Token sequences taken from
 packed data (evaluation) are routed on their first M-hat tokens as they are, exactly as the
 sharding stage routed the training data.
@@ -255,11 +256,14 @@ class Mixture:
             if bad:
                 raise SmallTalkError(f"prompt {i}: token id {bad[0]} outside the vocabulary (size "
                                      f"{self.info.vocab_size}); encode prompts with the bundle's tokenizer")
+            total = len(ids)
+            if ids and ids[0] == self.eos_id:
+                ids = ids[1:]  # the prompt brings its own document boundary: do not double it
             if not ids:
-                routes[i] = Route(self.info.fallback_expert, np.zeros(self.num_experts), 0, 0, fallback=True)
+                routes[i] = Route(self.info.fallback_expert, np.zeros(self.num_experts), 0, total, fallback=True)
                 continue
             windows.append([self.eos_id] + ids[:m])
-            rows.append((i, len(ids)))
+            rows.append((i, total))
         if windows:
             width = max(len(w) for w in windows)
             padded = np.zeros((len(windows), width), dtype=np.int64)  # (N, 1 + min(len, M-hat)), right padded

@@ -73,75 +73,152 @@ def generate_batch(model: Transformer, tokenizer, prompts: Sequence[str | Sequen
                    stop: Sequence[str] | None = None, seed: int | None = None, greedy: bool = False,
                    use_cache: bool = True, eos_id: int | None = None,
                    ignore_eos: bool = False) -> list[GenerationResult]:
-    """Continue several prompts together (one forward per step for the whole batch)."""
+    """Continue several prompts together (one forward per step for the whole batch).
+
+    With `seed`, every row samples from its own generator seeded with `seed`, so a row's tokens are
+    those it would get alone.
+    """
     _check_options(max_new_tokens, temperature, top_k, top_p, stop)
     if isinstance(prompts, str) or not len(prompts):
         raise SmallTalkError("generate_batch: prompts must be a non-empty list of strings or token-id lists")
-    cfg = model.config
-    device = next(model.parameters()).device
     eos_id = eos_token_id(tokenizer) if eos_id is None else eos_id
-    greedy = greedy or temperature == 0
     stop = [s for s in (stop or []) if s]
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed)
+    rows = [_prompt_ids(tokenizer, p, eos_id, model.config.vocab_size) for p in prompts]
+    decoder = BatchDecoder(model, rows, [sampling] * len(rows), use_cache=use_cache)
 
-    rows = [_prompt_ids(tokenizer, p, eos_id, cfg.vocab_size) for p in prompts]
-    truncated = [len(r) > cfg.max_seq_len for r in rows]
-    rows = [r[-cfg.max_seq_len:] for r in rows]
     B = len(rows)
-    windows = [list(r) for r in rows]  # per row: the tokens the model sees (as if the row ran alone)
-    active = list(range(B))  # rows still generating, in batch order
-    window, real = _pad_left([windows[b] for b in active], device)  # (b, W) ids, (b, W) False on padding
-
     new_ids: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
     texts: list[str | None] = [None] * B
-    caches, cached = None, 0  # per-layer (k, v) for the active rows; window positions they cover
-    for step in range(max_new_tokens):
-        mask = None if bool(real.all()) else real
-        if use_cache:
-            logits, caches = model(window[:, cached:], kv_caches=caches or [None] * cfg.num_layers,
-                                   start_pos=cached, attention_mask=mask, last_only=True)
-            cached = window.shape[1]
-        else:
-            logits = model(window, attention_mask=mask, last_only=True)
-        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, greedy, generator)  # (b,)
-        for b, token in zip(active, next_ids.tolist()):
+    for _ in range(max_new_tokens):
+        for b, token, _logits in decoder.step():
             if token == eos_id and not ignore_eos:
                 reasons[b] = "eos"
+                decoder.finish(b)
                 continue
             new_ids[b].append(token)
-            windows[b].append(token)
             if stop:
                 texts[b], hit = _cut_at_stop(decode(tokenizer, new_ids[b]), stop)
-                reasons[b] = "stop" if hit else None
-        if step == max_new_tokens - 1:
+                if hit:
+                    reasons[b] = "stop"
+                    decoder.finish(b)
+        if not decoder.active:
             break
-        keep_rows = [i for i, b in enumerate(active) if reasons[b] is None]
-        if not keep_rows:
-            break
-        if len(keep_rows) < len(active):  # drop finished rows from the batch (and their cache)
-            index = torch.tensor(keep_rows, device=device)
-            window, real, next_ids = window[index], real[index], next_ids[index]
-            caches = [(k[index], v[index]) for k, v in caches] if caches else None
-            active = [active[i] for i in keep_rows]
-        overflow = [b for b in active if len(windows[b]) > cfg.max_seq_len]
-        for b in overflow:  # this row's context is full: it keeps its newest half
-            windows[b] = windows[b][-max(1, cfg.max_seq_len // 2):]
-        # The batch tensor is as wide as the longest row ever in it: once that row has finished, the
-        # others carry its left padding, which must not push the tensor past the context either.
-        if overflow or window.shape[1] + 1 > cfg.max_seq_len:  # re-pad the rows, rebuild the cache
-            window, real = _pad_left([windows[b] for b in active], device)
-            caches, cached = None, 0
-        else:
-            window = torch.cat([window, next_ids[:, None]], dim=1)
-            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
 
     results = []
     for b in range(B):
         text = texts[b] if texts[b] is not None else decode(tokenizer, new_ids[b])
         results.append(GenerationResult(text=text, token_ids=new_ids[b], finish_reason=reasons[b] or "length",
-                                        prompt_ids=rows[b], prompt_truncated=truncated[b]))
+                                        prompt_ids=decoder.prompts[b], prompt_truncated=decoder.truncated[b]))
     return results
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one row picks its next token (see `sample_next`); `seed` gives the row its own generator."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    greedy: bool = False
+    seed: int | None = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+class BatchDecoder:
+    """Step-wise batched decoding with a KV cache: each `step()` gives every active row one token.
+
+    Rows are left-padded and masked, so a row's logits are those of the row run alone (up to float
+    rounding). The caller decides when a row is done (EOS, stop string, token budget, a client gone)
+    and calls `finish(row)`; the row leaves the batch, with its cache, before the next step. Each row
+    keeps its own context window: past `max_seq_len` it keeps its newest half and the cache is rebuilt.
+    """
+
+    def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling],
+                 use_cache: bool = True):
+        if len(prompts) != len(sampling) or not prompts:
+            raise SmallTalkError("BatchDecoder: give one Sampling per prompt, and at least one prompt")
+        self.model, self.use_cache = model, use_cache
+        self.max_len = model.config.max_seq_len
+        self.device = next(model.parameters()).device
+        self.truncated = [len(p) > self.max_len for p in prompts]
+        self.prompts = [[int(t) for t in p][-self.max_len:] for p in prompts]
+        if any(not p for p in self.prompts):
+            raise SmallTalkError("BatchDecoder: every prompt needs at least one token (start from EOS)")
+        self.sampling = list(sampling)
+        self.generators = [torch.Generator(device=self.device).manual_seed(s.seed) if s.seed is not None else None
+                           for s in self.sampling]
+        self.windows = [list(p) for p in self.prompts]  # per row: the tokens the model sees, as if alone
+        self.active = list(range(len(prompts)))  # rows still decoding, in batch order
+        self._finished: set[int] = set()
+        self._window, self._real = _pad_left(self.windows, self.device)  # (b, W) ids, (b, W) False on padding
+        self._caches, self._cached = None, 0  # per-layer (k, v) of the active rows; window positions covered
+        self._last: torch.Tensor | None = None  # (b,) the tokens of the last step, not yet in _window
+
+    def finish(self, row: int) -> None:
+        """Row `row` takes no more tokens; it leaves the batch before the next step."""
+        if row in self.active:
+            self._finished.add(row)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int, torch.Tensor]]:
+        """One token for each active row: [(row, token id, logits (V,) it was drawn from)]."""
+        self._advance()
+        if not self.active:
+            return []
+        mask = None if bool(self._real.all()) else self._real
+        if self.use_cache:
+            logits, self._caches = self.model(self._window[:, self._cached:],
+                                              kv_caches=self._caches or [None] * self.model.config.num_layers,
+                                              start_pos=self._cached, attention_mask=mask, last_only=True)
+            self._cached = self._window.shape[1]
+        else:
+            logits = self.model(self._window, attention_mask=mask, last_only=True)
+        logits = logits[:, -1]  # (b, V)
+        next_ids = self._sample(logits)  # (b,)
+        self._last = next_ids
+        out = []
+        for i, (b, token) in enumerate(zip(self.active, next_ids.tolist())):
+            self.windows[b].append(token)
+            out.append((b, token, logits[i]))
+        return out
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = [self.sampling[b] for b in self.active]
+        if all(s.is_greedy for s in rows):
+            return logits.argmax(dim=-1)
+        picks = [sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.greedy, self.generators[b])
+                 for i, (b, s) in enumerate(zip(self.active, rows))]
+        return torch.cat(picks)
+
+    def _advance(self) -> None:
+        """Drop finished rows, then put the last step's tokens into the window (or re-pad past the context)."""
+        if self._last is None:
+            return
+        keep = [i for i, b in enumerate(self.active) if b not in self._finished]
+        if len(keep) < len(self.active):
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self._window, self._real, self._last = self._window[index], self._real[index], self._last[index]
+            self._caches = [(k[index], v[index]) for k, v in self._caches] if self._caches else None
+            self.active = [self.active[i] for i in keep]
+        last, self._last = self._last, None
+        if not self.active:
+            return
+        overflow = [b for b in self.active if len(self.windows[b]) > self.max_len]
+        for b in overflow:  # this row's context is full: it keeps its newest half
+            self.windows[b] = self.windows[b][-max(1, self.max_len // 2):]
+        # The batch tensor is as wide as the longest row ever in it: once that row has finished, the
+        # others carry its left padding, which must not push the tensor past the context either.
+        if overflow or self._window.shape[1] + 1 > self.max_len:  # re-pad the rows, rebuild the cache
+            self._window, self._real = _pad_left([self.windows[b] for b in self.active], self.device)
+            self._caches, self._cached = None, 0
+        else:
+            self._window = torch.cat([self._window, last[:, None]], dim=1)
+            self._real = torch.cat([self._real, torch.ones_like(self._real[:, :1])], dim=1)
 
 
 def _pad_left(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
