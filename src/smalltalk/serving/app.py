@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -470,5 +471,8 @@ def serve(cfg: ServeConfig, log_level: str = "info") -> int:
     kind = f"mixture of {served.num_experts} experts, M-hat {served.prefix_len}" if served.is_mixture else "one model"
     print(f"serving {served.name} ({kind}{remote}) on http://{cfg.host}:{cfg.port}/v1", flush=True)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=60)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that was there
+    # before it; this one makes that a normal exit (status 0) instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
