@@ -92,7 +92,8 @@ class ServeConfig:
             raise SmallTalkError(f"serve config: batch_window_ms={self.batch_window_ms!r} must be >= 0")
         if not self.expert_timeout_s > 0:
             raise SmallTalkError(f"serve config: expert_timeout_s={self.expert_timeout_s!r} must be > 0")
-        self.experts = {int(k): v if isinstance(v, RemoteExpert) else _remote(k, v) for k, v in self.experts.items()}
+        experts = [v if isinstance(v, RemoteExpert) else _remote(k, v) for k, v in self.experts.items()]
+        self.experts = {x.index: x for x in experts}
         if self.api_key is None:
             self.api_key = os.environ.get("SMALLTALK_API_KEY") or None
 
