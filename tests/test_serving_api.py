@@ -132,8 +132,7 @@ def test_greedy_output_does_not_depend_on_the_batch(server, client):
 
 
 def _batch_count(server) -> tuple[float, float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("smalltalk_batch")}
+    values = server.metrics()
     return values["smalltalk_batch_size_count"], values["smalltalk_batch_size_sum"]
 
 

@@ -48,7 +48,7 @@ def test_plain_lm_eval_cli_through_the_server_equals_in_process_scores(tiny_mixt
                        f"base_url={s.v1}/completions,model=tm,max_length=128,num_concurrent=4",
                        "--tasks", TASKS, "--include_path", str(TASKS_DIR), "--limit", LIMIT, "--log_samples",
                        "--output_path", str(tmp_path / "served")], tmp_path)
-        metrics = httpx_metrics(s.url)
+        metrics = s.metrics()
     assert "blimp_offline_wh_island" in served.stdout
     ours = _run([sys.executable, "-m", "smalltalk.evaluation.lm_eval_cli", "--model", "smalltalk", "--model_args",
                  f"bundle={tiny_mixture['bundle']},prefix_len=8", "--tasks", TASKS, "--limit", LIMIT,
@@ -67,10 +67,3 @@ def test_plain_lm_eval_cli_through_the_server_equals_in_process_scores(tiny_mixt
     routed = sum(v for k, v in metrics.items() if k.startswith("smalltalk_expert_requests_total"))
     assert routed == sum(len(d["resps"]) for docs in a.values() for d in docs)
 
-
-def httpx_metrics(url: str) -> dict[str, float]:
-    import httpx
-
-    text = httpx.get(f"{url}/metrics").text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}

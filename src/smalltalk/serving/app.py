@@ -165,8 +165,12 @@ class Server:
         budget = req.check(self.served.max_len, allow_zero_tokens=req.echo)
         logprobs, stop = req.check_logprobs(), req.stops()
         jobs = [self.make_job(i, p, req, expert, budget, stop, logprobs, req.echo) for i, p in enumerate(req.prompts())]
+        for j in jobs:
+            j.ignore_eos = req.ignore_eos
         forward = {"max_tokens": budget, "temperature": req.temperature, "top_p": req.top_p, "stop": stop or None,
                    "seed": req.seed, "echo": req.echo, "logprobs": logprobs, "stream": req.stream}
+        if req.ignore_eos:
+            forward["ignore_eos"] = True
         return await self.answer(jobs, forward, req, t0, "completions")
 
     async def chat(self, request: Request) -> object:

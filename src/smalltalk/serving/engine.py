@@ -57,6 +57,7 @@ class Job:
     """Forced expert (the request named it); None: route."""
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    ignore_eos: bool = False
     cancelled: bool = False
     route: object = None
     enqueued: float = field(default_factory=time.perf_counter)
@@ -201,7 +202,7 @@ class Engine:
                 if j.cancelled:
                     decoder.finish(b)
                     continue
-                if token == served.eos_id:
+                if token == served.eos_id and not j.ignore_eos:
                     decoder.finish(b)
                     j.emit("done", "stop", streams[b].finish())
                     continue

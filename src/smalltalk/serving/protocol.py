@@ -83,6 +83,8 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]] | None = None
     echo: bool = False
     logprobs: int | None = None
+    ignore_eos: bool = False
+    """vLLM's extra: keep generating past EOS (benchmarks that want exactly max_tokens)."""
 
     def prompts(self) -> list[str | list[int]]:
         if self.prompt is None:
