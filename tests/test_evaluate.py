@@ -86,8 +86,9 @@ def test_evaluate_refuses_other_tokenizer(model_dir, tiny_data, tmp_path, capsys
     other = tmp_path / "model"
     shutil.copytree(model_dir, other)
     config = json.loads((other / "config.json").read_text())
-    config["tokenizer_sha256"] = "f" * 64
+    config["tokenizer_sha256"] = "f" * 64  # a model trained with another tokenizer, shipped without it
     (other / "config.json").write_text(json.dumps(config))
+    (other / "tokenizer.json").unlink()
     with pytest.raises(SmallTalkError, match="tokenizer sha256 ffffffffffff"):
         evaluate_model_dir(other, tiny_data, "test", max_seqs=4)
     assert main(["evaluate", str(other), "--data", str(tiny_data)]) == 2

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..errors import SmallTalkError
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from ..locks import DirLock, ensure_dir
     from ..model.config import preset
     from ..train.config import train_preset
     from ..train.distributed import shutdown
@@ -94,13 +96,16 @@ def run(args: argparse.Namespace) -> int:
             indices = np.load(args.indices, allow_pickle=False)
         except ValueError as e:
             raise SmallTalkError(f"{args.indices}: not a .npy array of sequence indices ({e})") from None
+    ensure_dir(args.out)
     try:
-        trainer = Trainer(model_cfg, train_cfg, train, args.out, valid_data=valid, indices=indices,
-                          progress=False if args.no_progress else None)
-        if trainer.dist.is_main:
-            print(f"model  {model_cfg.describe()}\ntrain  {train_cfg.describe()}\nrun    {args.out}"
-                  f"{' (resuming at step %d)' % trainer.step if trainer.step else ''}")
-        summary = trainer.train()
+        # One process (rank 0 of a torchrun job) holds the run directory; a second `train --out` is refused.
+        with DirLock(args.out, "smalltalk train", enabled=int(os.environ.get("RANK", "0")) == 0):
+            trainer = Trainer(model_cfg, train_cfg, train, args.out, valid_data=valid, indices=indices,
+                              progress=False if args.no_progress else None)
+            if trainer.dist.is_main:
+                print(f"model  {model_cfg.describe()}\ntrain  {train_cfg.describe()}\nrun    {args.out}"
+                      f"{' (resuming at step %d)' % trainer.step if trainer.step else ''}")
+            summary = trainer.train()
     finally:
         shutdown()
     if trainer.dist.is_main:

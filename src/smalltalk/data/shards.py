@@ -4,13 +4,17 @@ File layout (little endian)::
 
     offset 0   header, 64 bytes:
                magic b"SMTKTOKS" | version u32 | token_bytes u32 (2 or 4) | seq_len u32 |
-               vocab_size u32 | num_seqs u64 | num_tokens u64 | reserved (zero) to 64 bytes
+               vocab_size u32 | num_seqs u64 | num_tokens u64 |
+               crc32 u32 | max_id u32 | flags u32 (bit 0: crc32 and max_id are recorded) | zero to 64 bytes
     offset 64  tokens: num_seqs * seq_len unsigned ints (uint16 when the vocabulary fits)
     then       domain ids: num_seqs int16 (-1 = unknown), the label of the document that
                contributed most tokens to each sequence. Analysis only: routing never reads it.
 
 A shard is written to a temp name and renamed, so a file with the final name is complete; the
-reader still checks the file size against the header, so a truncated copy is refused.
+reader still checks the file size against the header, so a truncated copy is refused. Opening a shard
+also checks the CRC-32 of everything after the header and that the largest token id fits the
+vocabulary, so overwritten bytes are reported by file name instead of surfacing as an IndexError
+(or not at all). Shards written before the CRC was recorded get the max-id check only.
 
 A *token dataset* is a directory of shards of one split (``<root>/<split>/shard_00000.bin`` ...)
 plus the ``manifest.json`` at ``<root>`` that names them.
@@ -19,6 +23,7 @@ plus the ``manifest.json`` at ``<root>`` that names them.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -32,7 +37,10 @@ MAGIC = b"SMTKTOKS"
 VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIIIQQ")  # 40 bytes, zero-padded to HEADER_BYTES
+_CHECK = struct.Struct("<III")  # crc32, max_id, flags: the 12 bytes after _HEADER
+HAS_CHECK = 1
 UNKNOWN_DOMAIN = -1
+CRC_CHUNK = 1 << 24
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -49,6 +57,9 @@ class ShardHeader:
     vocab_size: int
     num_seqs: int
     num_tokens: int
+    crc32: int = 0
+    max_id: int = 0
+    flags: int = 0
 
     @property
     def dtype(self) -> np.dtype:
@@ -59,7 +70,7 @@ class ShardHeader:
 
     def pack(self) -> bytes:
         raw = _HEADER.pack(MAGIC, VERSION, self.token_bytes, self.seq_len, self.vocab_size,
-                           self.num_seqs, self.num_tokens)
+                           self.num_seqs, self.num_tokens) + _CHECK.pack(self.crc32, self.max_id, self.flags)
         return raw + b"\0" * (HEADER_BYTES - len(raw))
 
 
@@ -72,8 +83,9 @@ def read_header(path: str | Path) -> ShardHeader:
         raise SmallTalkError(f"{path}: shard is empty or truncated ({size} bytes < {HEADER_BYTES}-byte header); "
                              "delete it and re-run the stage that wrote it")
     with open(path, "rb") as f:
-        raw = f.read(_HEADER.size)
-    magic, version, token_bytes, seq_len, vocab_size, num_seqs, num_tokens = _HEADER.unpack(raw)
+        raw = f.read(_HEADER.size + _CHECK.size)
+    magic, version, token_bytes, seq_len, vocab_size, num_seqs, num_tokens = _HEADER.unpack(raw[:_HEADER.size])
+    crc, max_id, flags = _CHECK.unpack(raw[_HEADER.size:])
     if magic != MAGIC:
         raise SmallTalkError(f"{path}: not a smalltalk token shard (bad magic {magic!r})")
     if version != VERSION:
@@ -81,7 +93,7 @@ def read_header(path: str | Path) -> ShardHeader:
     if token_bytes not in (2, 4) or seq_len <= 0 or num_tokens != num_seqs * seq_len:
         raise SmallTalkError(f"{path}: corrupt shard header (token_bytes={token_bytes}, seq_len={seq_len}, "
                              f"num_seqs={num_seqs}, num_tokens={num_tokens})")
-    header = ShardHeader(token_bytes, seq_len, vocab_size, num_seqs, num_tokens)
+    header = ShardHeader(token_bytes, seq_len, vocab_size, num_seqs, num_tokens, crc, max_id, flags)
     if size != header.expected_size():
         raise SmallTalkError(f"{path}: shard is truncated or padded ({size} bytes, header says "
                              f"{header.expected_size()}); delete it and re-run the stage that wrote it")
@@ -102,12 +114,35 @@ def write_shard(path: str | Path, tokens: np.ndarray, domains: np.ndarray | None
     domains = np.asarray(domains, dtype=np.int16)
     if domains.shape != (num_seqs,):
         raise ValueError(f"domains must be ({num_seqs},), got {domains.shape}")
-    header = ShardHeader(dtype.itemsize, seq_len, vocab_size, num_seqs, num_seqs * seq_len)
+    token_bytes = np.ascontiguousarray(tokens, dtype=dtype).astype(dtype.newbyteorder("<"), copy=False).tobytes()
+    domain_bytes = domains.astype("<i2", copy=False).tobytes()
+    crc = zlib.crc32(domain_bytes, zlib.crc32(token_bytes))
+    header = ShardHeader(dtype.itemsize, seq_len, vocab_size, num_seqs, num_seqs * seq_len, crc,
+                         int(tokens.max()) if num_seqs else 0, HAS_CHECK)
     with atomic_open(path, "wb") as f:
         f.write(header.pack())
-        f.write(np.ascontiguousarray(tokens, dtype=dtype).astype(dtype.newbyteorder("<"), copy=False).tobytes())
-        f.write(domains.astype("<i2", copy=False).tobytes())
+        f.write(token_bytes)
+        f.write(domain_bytes)
     return header
+
+
+def check_shard(path: Path, header: ShardHeader, tokens: np.ndarray) -> None:
+    """The recorded CRC-32 and token range of a shard (see the module docstring)."""
+    hint = "the file was overwritten or damaged; delete it and re-run the stage that wrote it"
+    if header.flags & HAS_CHECK:
+        crc = 0
+        with open(path, "rb") as f:
+            f.seek(HEADER_BYTES)
+            while chunk := f.read(CRC_CHUNK):
+                crc = zlib.crc32(chunk, crc)
+        if crc != header.crc32:
+            raise SmallTalkError(f"{path}: CRC-32 {crc:08x} differs from the {header.crc32:08x} recorded when the shard "
+                                 f"was written; {hint}")
+        top = header.max_id
+    else:
+        top = int(tokens.max()) if header.num_seqs else 0
+    if header.num_seqs and top >= header.vocab_size:
+        raise SmallTalkError(f"{path}: token id {top} is outside the vocabulary (size {header.vocab_size}); {hint}")
 
 
 class Shard:
@@ -121,6 +156,7 @@ class Shard:
                                 shape=(h.num_seqs, h.seq_len)) if h.num_seqs else np.zeros((0, h.seq_len), h.dtype)
         self.domains = np.memmap(self.path, dtype="<i2", mode="r", offset=HEADER_BYTES + h.num_tokens * h.token_bytes,
                                  shape=(h.num_seqs,)) if h.num_seqs else np.zeros((0,), np.int16)
+        check_shard(self.path, h, self.tokens)
 
     def __len__(self) -> int:
         return self.header.num_seqs

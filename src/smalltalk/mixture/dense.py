@@ -9,6 +9,7 @@ is prepared, in ``<run>/dense/`` (resumable like any trainer run).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,17 @@ def flops_side_by_side(cfg: RunConfig, seq_len: int, vocab_size: int) -> tuple[i
 def train_dense(run_dir: str | Path, *, cfg: RunConfig | None = None, progress: bool | None = None,
                 log=print) -> dict[str, Any]:
     """Train (or resume, or confirm finished) the dense baseline of a run; returns its run summary."""
-    from ..train.trainer import Trainer, model_config_for_data
+    from ..locks import DirLock
 
     layout = RunLayout(run_dir)
     cfg = cfg or load_run_config(run_dir)
+    with DirLock(layout.dense, "training the dense baseline", enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train_dense(layout, cfg, progress, log)
+
+
+def _train_dense(layout: RunLayout, cfg: RunConfig, progress: bool | None, log) -> dict[str, Any]:
+    from ..train.trainer import Trainer, model_config_for_data
+
     train = load_split(layout.data, "train")
     _, _, line = flops_side_by_side(cfg, train.dataset.seq_len, train.dataset.vocab_size)
     if dense_done(layout):

@@ -99,6 +99,7 @@ def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, do
     for e in range(E):
         logp = token_logprobs(mixture.expert(e), tokens, batch_size=batch_size, device=mixture.device)  # (N, S-1)
         expert_nll[:, e] = -logp.sum(axis=1, dtype=np.float64)
+        _check_finite(expert_nll[:, e], f"expert {e} of {mixture.info.root}")
         if expert_token_logp is not None:
             expert_token_logp[:, e] = logp
         if progress is not None:
@@ -110,9 +111,17 @@ def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, do
     dense_nll = -token_logprobs(dense, tokens, batch_size=batch_size, device=mixture.device).sum(axis=1,
                                                                                                  dtype=np.float64)
     del dense
+    _check_finite(dense_nll, f"the dense model {dense_dir}")
+    _check_finite(router_logp, f"the routers of {mixture.info.root}")
     if progress is not None:
         progress("dense")
     return ScoreTables(expert_nll, dense_nll, router_logp, expert_token_logp, S - 1, np.asarray(domains))
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    if not np.isfinite(values).all():
+        raise SmallTalkError(f"{what} gives NaN or infinite log-likelihoods on the test split; its weights are damaged "
+                             "or it diverged: re-train it")
 
 
 def route_from_logp(router_logp: np.ndarray, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:

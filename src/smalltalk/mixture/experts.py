@@ -22,6 +22,7 @@ training (the report's Figure 2 curve).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,15 @@ def check_shards(layout: RunLayout, cfg: RunConfig) -> dict:
     return manifest
 
 
-def shard_dataset(layout: RunLayout, k: int) -> TokenDataset:
+def check_expert_shard(layout: RunLayout, k: int) -> Path:
     directory = layout.expert_shard(k)
     if not directory.is_dir() or not any(directory.glob("shard_*.bin")):
         raise SmallTalkError(f"{directory}: expert {k} has no training shard; re-run the shard stage")
-    return TokenDataset.from_dir(directory)
+    return directory
+
+
+def shard_dataset(layout: RunLayout, k: int) -> TokenDataset:
+    return TokenDataset.from_dir(check_expert_shard(layout, k))
 
 
 def valid_routes(layout: RunLayout, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -130,13 +135,23 @@ def expert_done(layout: RunLayout, k: int) -> bool:
 
 def train_expert(run_dir: str | Path, k: int, *, cfg: RunConfig | None = None, progress: bool | None = None,
                  log=print) -> dict[str, Any]:
-    """Train (or resume, or confirm finished) expert `k` of a run; returns the trainer's run summary."""
-    from ..train.trainer import Trainer, model_config_for_data
+    """Train (or resume, or confirm finished) expert `k` of a run; returns the trainer's run summary.
+    The expert's directory is locked while it trains (other experts of the run may train at the same time)."""
+    from ..locks import DirLock
 
     layout = RunLayout(run_dir)
     cfg = cfg or load_run_config(run_dir)
     if not isinstance(k, int) or not 0 <= k < cfg.num_experts:
         raise SmallTalkError(f"--expert {k}: the run has experts 0..{cfg.num_experts - 1}")
+    check_shards(layout, cfg)  # refuse mismatched or missing shards before anything is written
+    check_expert_shard(layout, k)
+    with DirLock(layout.expert(k), f"training expert {k}", enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train_expert(layout, k, cfg, progress, log)
+
+
+def _train_expert(layout: RunLayout, k: int, cfg: RunConfig, progress: bool | None, log) -> dict[str, Any]:
+    from ..train.trainer import Trainer, model_config_for_data
+
     check_shards(layout, cfg)
     if expert_done(layout, k):
         return read_json(layout.expert(k) / "run.json")

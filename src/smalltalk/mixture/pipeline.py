@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import SmallTalkError
 from ..io import atomic_write_json, read_json
+from ..locks import DirLock
 from .config import RunConfig
 from .dense import dense_done, train_dense
 from .experts import check_shards, expert_done, train_expert
@@ -220,7 +221,12 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, until: str | None = Non
         raise SmallTalkError(f"--expert-workers {expert_workers} must be >= 1")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     layout = RunLayout(run_dir)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    with DirLock(layout.root, "smalltalk run"):
+        return _run_stages(layout, cfg, until, expert_workers, progress, log)
+
+
+def _run_stages(layout: RunLayout, cfg: RunConfig, until: str | None, expert_workers: int, progress: bool | None,
+                log: Callable[[str], None]) -> dict:
     check_run_config(layout, cfg)
     timings = read_json(layout.stages) if layout.stages.is_file() else {}
     ctx = {"log": log, "progress": progress, "expert_workers": expert_workers}

@@ -179,6 +179,8 @@ class BatchDecoder:
         else:
             logits = self.model(self._window, attention_mask=mask, last_only=True)
         logits = logits[:, -1]  # (b, V)
+        if not bool(torch.isfinite(logits).all()):
+            raise SmallTalkError("the model produced NaN or infinite logits; its weights are damaged or it diverged")
         next_ids = self._sample(logits)  # (b,)
         self._last = next_ids
         out = []

@@ -128,6 +128,7 @@ def save_model_dir(directory: str | os.PathLike, model: torch.nn.Module, tokeniz
                    "tokenizer_sha256": tokenizer_sha, "producer": _producer(), **(extra or {})}
     with atomic_dir(directory) as tmp:
         save_weights(tmp / WEIGHTS_FILE, model, metadata={"format": FORMAT})
+        config_json["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         atomic_write_json(tmp / CONFIG_FILE, config_json)
@@ -145,10 +146,40 @@ def read_model_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[s
     return ModelConfig.from_dict(config_json["model"]), config_json
 
 
-def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
-    """Load a model directory -> (Transformer in eval mode on `device`, config.json dict)."""
+def verify_model_dir(directory: str | os.PathLike, config_json: dict | None = None) -> None:
+    """Check the weights and tokenizer files against the sha256 recorded in config.json when the directory
+    was written (directories written before checksums were recorded are not checked)."""
+    directory = Path(directory)
+    config_json = config_json if config_json is not None else read_model_config(directory)[1]
+    weights, recorded = directory / WEIGHTS_FILE, config_json.get("weights_sha256")
+    if recorded and weights.is_file() and sha256_file(weights) != recorded:
+        raise SmallTalkError(f"{weights}: corrupt or truncated, its sha256 differs from the one recorded in {CONFIG_FILE} when it "
+                             "was written; restore the file or re-train this model")
+    tokenizer, recorded = directory / TOKENIZER_FILE, config_json.get("tokenizer_sha256")
+    if recorded and tokenizer.is_file() and sha256_file(tokenizer) != recorded:
+        raise SmallTalkError(f"{tokenizer}: not the tokenizer this model was trained with (sha256 "
+                             f"{sha256_file(tokenizer)[:12]}, {directory / CONFIG_FILE} records {recorded[:12]}); "
+                             "put the original tokenizer.json back")
+
+
+def check_finite(model: torch.nn.Module, where: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run saves them with a valid checksum)."""
+    for name, p in unwrap_model(model).named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise SmallTalkError(f"{where}: weight {name} holds NaN or infinite values; the model diverged or the "
+                                 "file was overwritten; re-train it")
+
+
+def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                   verify: bool = True) -> tuple[Transformer, dict]:
+    """Load a model directory -> (Transformer in eval mode on `device`, config.json dict). With `verify`, the
+    files must match their recorded checksums and every weight must be finite."""
     directory = Path(directory)
     cfg, config_json = read_model_config(directory)
+    if verify:
+        verify_model_dir(directory, config_json)
     model = Transformer(cfg)
     load_weights(directory / WEIGHTS_FILE, model)
+    if verify:
+        check_finite(model, directory / WEIGHTS_FILE)
     return model.to(device).eval(), config_json

@@ -195,8 +195,16 @@ class _CommCounter:
 def train_routers(data_dir: str | Path, run_dir: str | Path, cfg: RouterEMConfig, *, workers: Workers | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) router EM on a prepared data directory. Returns the routers manifest."""
-    t_start = time.perf_counter()
+    from ..locks import DirLock
+
     workers = workers or init_workers(cfg.device)
+    with DirLock(routers_dir(run_dir), "router EM", enabled=workers.is_main):
+        return _train_routers(data_dir, run_dir, cfg, workers, log)
+
+
+def _train_routers(data_dir: str | Path, run_dir: str | Path, cfg: RouterEMConfig, workers: Workers,
+                   log: Callable[[str], None] | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say = say if workers.is_main else (lambda msg: None)
     out = routers_dir(run_dir)

@@ -101,10 +101,19 @@ def shard_dataset(data_dir: str | Path, routers: str | Path, out: str | Path, *,
     `chunk_size` defaults to the N sequences per iteration the routers were trained with; `seed` (which
     sequences share a chunk) to the routers' EM seed.
     """
+    from ..locks import DirLock
+
+    workers = workers or init_workers(device)
+    with DirLock(out, "sharding", enabled=workers.is_main):
+        return _shard_dataset(data_dir, routers, out, chunk_size=chunk_size, splits=splits, batch_size=batch_size,
+                              seed=seed, workers=workers, log=log)
+
+
+def _shard_dataset(data_dir, routers, out, *, chunk_size, splits, batch_size, seed, workers: Workers,
+                   log) -> dict[str, Any]:
     from ..train.evaluate import load_split
 
     t_start = time.perf_counter()
-    workers = workers or init_workers(device)
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say = say if workers.is_main else (lambda msg: None)
     data_dir, routers, out = Path(data_dir), Path(routers), Path(out)

@@ -127,6 +127,8 @@ def evaluate(model: torch.nn.Module, data: TokenDataset, indices: np.ndarray | N
     if num_tokens == 0:
         raise SmallTalkError("nothing to evaluate: no sequences selected")
     total = nll.item()
+    if not math.isfinite(total):
+        raise SmallTalkError("evaluation loss is NaN or infinite: the model's weights are damaged or it diverged")
     loss = total / num_tokens
     bpb = total / math.log(2) / (num_tokens * bytes_per_token) if bytes_per_token else None
     return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, num_tokens=num_tokens,
@@ -160,5 +162,8 @@ def evaluate_model_dir(model_dir: str | Path, data_dir: str | Path, split: str =
                              f"--seq-len {model.config.max_seq_len}")
     indices = evenly_spaced(len(split_data.dataset), max_seqs)
     dtype = torch.bfloat16 if dev.type == "cuda" else None
-    return evaluate(model, split_data.dataset, indices, batch_size=batch_size, device=dev, autocast_dtype=dtype,
-                    bytes_per_token=split_data.bytes_per_token)
+    try:
+        return evaluate(model, split_data.dataset, indices, batch_size=batch_size, device=dev, autocast_dtype=dtype,
+                        bytes_per_token=split_data.bytes_per_token)
+    except SmallTalkError as e:
+        raise SmallTalkError(f"{model_dir}: {e}") from None
