@@ -30,7 +30,7 @@ import numpy as np
 
 from ..data.shards import TokenDataset
 from ..errors import SmallTalkError
-from ..io import atomic_open, read_json
+from ..io import atomic_open, atomic_write_json, read_json
 from ..train.evaluate import SplitData, load_split
 from .config import RunConfig
 from .layout import RunLayout
@@ -78,7 +78,48 @@ def check_shards(layout: RunLayout, cfg: RunConfig) -> dict:
         raise SmallTalkError(f"{path}: the data is sharded for num_experts={E} but the run config says "
                              f"num_experts={cfg.num_experts}; re-shard with E={cfg.num_experts} or use a config with "
                              f"num_experts={E}")
+    routers_manifest = layout.routers / "manifest.json"
+    if routers_manifest.is_file():
+        mine = [r["weights_sha256"] for r in read_json(routers_manifest)["routers"]]
+        used = (manifest.get("routers") or {}).get("weights_sha256")
+        if used is not None and used != mine:
+            raise SmallTalkError(f"{path}: these expert shards were routed by other routers "
+                                 f"({(manifest.get('routers') or {}).get('dir')}) than this run's ({routers_manifest}); "
+                                 f"delete {layout.shards} and re-run the shard stage with this run's routers")
+    data_manifest = layout.data / "manifest.json"
+    if data_manifest.is_file() and manifest.get("tokenizer_sha256"):
+        from ..routing.sharding import data_tokenizer_sha256
+
+        data_sha = data_tokenizer_sha256(layout.data, read_json(data_manifest))
+        if data_sha and data_sha != manifest["tokenizer_sha256"]:
+            raise SmallTalkError(f"{path}: the shards were made with tokenizer sha256 {manifest['tokenizer_sha256'][:12]} "
+                                 f"but this run's data ({data_manifest}) uses {data_sha[:12]}; re-shard this run's data")
     return manifest
+
+
+PROVENANCE_FILE = "provenance.json"
+
+
+def shards_provenance(layout: RunLayout) -> dict:
+    """What an expert of this run consumed: the shards manifest, hence the routers and tokenizer behind them."""
+    from ..model.io import sha256_file
+
+    manifest = read_json(layout.shards_manifest)
+    return {"shards_manifest_sha256": sha256_file(layout.shards_manifest),
+            "routers_weights_sha256": (manifest.get("routers") or {}).get("weights_sha256"),
+            "tokenizer_sha256": manifest.get("tokenizer_sha256")}
+
+
+def check_expert_provenance(layout: RunLayout, k: int) -> None:
+    """Refuse expert k when it was trained on other shards than this run's current ones."""
+    path = layout.expert(k) / PROVENANCE_FILE
+    if not path.is_file():
+        return  # trained before provenance was recorded
+    recorded, now = read_json(path), shards_provenance(layout)
+    if recorded.get("shards_manifest_sha256") != now["shards_manifest_sha256"]:
+        raise SmallTalkError(f"{path}: expert {k} was trained on other shards than {layout.shards_manifest} (routers "
+                             f"{str(recorded.get('routers_weights_sha256'))[:40]}...); delete {layout.expert(k)} and "
+                             "re-train it on this run's shards")
 
 
 def check_expert_shard(layout: RunLayout, k: int) -> Path:
@@ -154,7 +195,13 @@ def _train_expert(layout: RunLayout, k: int, cfg: RunConfig, progress: bool | No
 
     check_shards(layout, cfg)
     if expert_done(layout, k):
+        check_expert_provenance(layout, k)
         return read_json(layout.expert(k) / "run.json")
+    provenance = layout.expert(k) / PROVENANCE_FILE
+    if provenance.is_file():
+        check_expert_provenance(layout, k)  # a resumed expert must continue on the shards it started on
+    else:
+        atomic_write_json(provenance, shards_provenance(layout))
     train = shard_dataset(layout, k)
     split = load_split(layout.data, "train")
     model_cfg = model_config_for_data(cfg.expert_model, train)

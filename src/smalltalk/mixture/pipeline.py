@@ -35,7 +35,7 @@ from ..io import atomic_write_json, read_json
 from ..locks import DirLock
 from .config import RunConfig
 from .dense import dense_done, train_dense
-from .experts import check_shards, expert_done, train_expert
+from .experts import check_expert_provenance, check_shards, expert_done, train_expert
 from .layout import RunLayout
 
 STAGES = ("prepare", "routers", "shard", "experts", "dense", "bundle", "evaluate", "report")
@@ -163,6 +163,8 @@ def _bundle(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
 
     shards = check_shards(layout, cfg)
     E = cfg.num_experts
+    for k in range(E):
+        check_expert_provenance(layout, k)
     build_bundle(layout.bundle, router_dirs=[layout.routers / f"router_{e}" for e in range(E)],
                  expert_dirs=[layout.expert(k) / "model" for k in range(E)],
                  tokenizer_file=layout.data / "tokenizer.json", prefix_len=cfg.prefix_len,
