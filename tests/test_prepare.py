@@ -379,3 +379,17 @@ def test_rebuild_keeps_the_old_dataset_until_the_new_one_is_complete(small_corpu
     assert m["seq_len"] == 32 and load_manifest(out, check_shards=True)["seq_len"] == 32
     assert any("reusing the tokenizer" in line for line in logs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "d"]
+
+
+def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(small_corpus, tmp_path):
+    """A document longer than max_doc_chars is encoded in pieces (bounded tokenizer memory) joined without EOS:
+    every shard is byte-identical to encoding each document whole (code with indentation runs included)."""
+    whole = prepare(_cfg(small_corpus, tmp_path / "whole"))
+    pieces = prepare(_cfg(small_corpus, tmp_path / "pieces", max_doc_chars=700,
+                          tokenizer_file=str(tmp_path / "whole" / "tokenizer.json")))
+    for split in ("train", "valid", "test"):
+        assert pieces["splits"][split]["num_documents"] == whole["splits"][split]["num_documents"]
+        for a, b in zip(whole["splits"][split]["shards"], pieces["splits"][split]["shards"]):
+            assert (tmp_path / "whole" / a["file"]).read_bytes() == (tmp_path / "pieces" / b["file"]).read_bytes()
+    with pytest.raises(SmallTalkError, match="max_doc_chars=0"):
+        _cfg(small_corpus, tmp_path / "x", max_doc_chars=0)

@@ -30,6 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "'' for none)")
     p.add_argument("--max-bytes-per-file", type=int, metavar="N",
                    help="read only the first N bytes of text of each file per split")
+    p.add_argument("--max-doc-chars", type=int, metavar="N",
+                   help="tokenize longer documents in pieces of N characters (bounds memory; default 1,000,000)")
     p.add_argument("--tokenizer-sample-bytes", type=int, metavar="N", help="bytes of text to train the tokenizer on")
     p.add_argument("--seqs-per-shard", type=int, metavar="N", help="sequences per shard file")
     p.add_argument("--workers", type=int, metavar="N", help="tokenizer processes (default: one per core)")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         "seq_len": args.seq_len,
         "text_field": args.text_field,
         "meta_fields": None if args.domain_field is None else ((args.domain_field,) if args.domain_field else ()),
-        "max_bytes_per_file": args.max_bytes_per_file,
+        "max_bytes_per_file": args.max_bytes_per_file, "max_doc_chars": args.max_doc_chars,
         "tokenizer_sample_bytes": args.tokenizer_sample_bytes,
         "seqs_per_shard": args.seqs_per_shard,
         "num_workers": args.workers,

@@ -29,6 +29,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -83,6 +84,10 @@ class PrepareConfig(DictConfig):
     """Metadata carried along; the first one (if any) labels each sequence's domain."""
     max_bytes_per_file: int | None = None
     """Read only the first N bytes of text of each source file per split (small, fast runs); None = all."""
+    max_doc_chars: int = 1_000_000
+    """Longer documents are tokenized in pieces of at most this many characters, cut where a whitespace run
+    starts and joined without EOS (the same tokens as the whole document), so the tokenizer's memory is
+    bounded by this setting, not by the longest document."""
     seqs_per_shard: int = 65536
     """Sequences per shard file."""
     valid_fraction: float = 0.01
@@ -116,7 +121,7 @@ class PrepareConfig(DictConfig):
                                  "(the paper uses 1024)")
         if self.tokenizer_file is None:
             check_vocab_size(self.vocab_size)
-        for key in ("tokenizer_sample_bytes", "seqs_per_shard", "batch_bytes"):
+        for key in ("tokenizer_sample_bytes", "seqs_per_shard", "batch_bytes", "max_doc_chars"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise SmallTalkError(f"prepare config: {key}={value!r} must be a positive integer")
@@ -295,10 +300,31 @@ def _worker_init(tokenizer_json: str, dtype: str, in_pool: bool = True) -> None:
     _WORKER["dtype"] = np.dtype(dtype)
 
 
-def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens with an EOS after each document, per-document lengths incl. EOS, UTF-8 bytes of the texts)."""
-    tokens, lengths = _WORKER["tokenizer"].encode_documents(texts, dtype=_WORKER["dtype"])
+def _encode_batch(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens with an EOS after each document's last piece, per-piece lengths incl. EOS, UTF-8 bytes)."""
+    tokens, lengths = _WORKER["tokenizer"].encode_documents(texts, dtype=_WORKER["dtype"], ends=ends)
     return tokens, lengths, sum(len(t.encode("utf-8")) for t in texts)
+
+
+_RUN_START = re.compile(r"\S(?=\s)")  # the last character before a whitespace run
+
+
+def document_pieces(text: str, max_chars: int) -> Iterator[tuple[str, bool]]:
+    """(piece, is_last) of a document, each at most `max_chars` long. A piece ends where a whitespace run
+    starts in the last tenth of the window: byte-level BPE never joins a character with the whitespace
+    after it, so the pieces' tokens are the whole document's (a window with no whitespace at all is cut
+    where it ends, which may split one word's tokens)."""
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        floor = max(start + 1, end - max(1, max_chars // 10))
+        last = None
+        for last in _RUN_START.finditer(text, floor - 1, end):
+            pass
+        end = last.end() if last is not None else end
+        yield text[start:end], False
+        start = end
+    yield text[start:], True
 
 
 class _Done:
@@ -334,10 +360,10 @@ class _Encoder:
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = previous
 
-    def submit(self, texts: list[str]):
+    def submit(self, texts: list[str], ends: list[bool]):
         if self.pool is None:
-            return _Done(_encode_batch(texts))
-        return self.pool.apply_async(_encode_batch, (texts,))
+            return _Done(_encode_batch(texts, ends))
+        return self.pool.apply_async(_encode_batch, (texts, ends))
 
     def close(self, ok: bool) -> None:
         if self.pool is not None:
@@ -363,9 +389,10 @@ class _SplitSink:
         self.text_bytes = 0
         self.domain_counts: collections.Counter = collections.Counter()
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, domains: np.ndarray, text_bytes: int) -> None:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, domains: np.ndarray, text_bytes: int,
+            num_documents: int) -> None:
         seqs, seq_domains = self.packer.add(tokens, lengths, domains)
-        self.num_documents += len(lengths)
+        self.num_documents += num_documents
         self.text_bytes += text_bytes
         if len(seqs):
             self.writer.add(seqs, seq_domains)
@@ -558,34 +585,37 @@ def _encode_all(cfg: PrepareConfig, out: Path, planned: list[PlannedSource], tok
     log(f"tokenizing and packing into {out} ({num_workers} worker{'s' * (num_workers > 1)}, seq_len {cfg.seq_len})")
     encoder = _Encoder(tokenizer, dtype, num_workers)
     in_flight: collections.deque = collections.deque()
-    pending = {s: ([], [], 0) for s in SPLITS}  # split -> (texts, domain ids, bytes)
+    pending = {s: ([], [], [], 0) for s in SPLITS}  # split -> (texts, domain ids, ends-a-document flags, chars)
     bar = tqdm(desc=f"prepare {cfg.name}", unit="B", unit_scale=True, disable=not cfg.progress, leave=False)
 
     def drain(limit: int) -> None:
         while len(in_flight) > limit:
-            split, doc_domains, handle = in_flight.popleft()
+            split, doc_domains, num_docs, handle = in_flight.popleft()
             tokens, lengths, text_bytes = handle.get()
-            sinks[split].add(tokens, lengths, doc_domains, text_bytes)
+            sinks[split].add(tokens, lengths, doc_domains, text_bytes, num_docs)
             bar.update(text_bytes)
 
     def submit(split: str) -> None:
-        texts, doc_domains, _ = pending[split]
+        texts, doc_domains, ends, _ = pending[split]
         if texts:
-            in_flight.append((split, np.asarray(doc_domains, np.int16), encoder.submit(texts)))
-            pending[split] = ([], [], 0)
+            in_flight.append((split, np.asarray(doc_domains, np.int16), sum(ends), encoder.submit(texts, ends)))
+            pending[split] = ([], [], [], 0)
             drain(2 * num_workers)
 
     ok = False
     try:
         budget = cfg.max_bytes_per_file
         for split, doc in iter_split_documents(planned, cfg, stats, budget):
-            texts, doc_domains, size = pending[split]
-            texts.append(doc.text)
-            doc_domains.append(_domain_id(doc, cfg.domain_field, domains, domain_ids))
-            size += len(doc.text)
-            pending[split] = (texts, doc_domains, size)
-            if size >= cfg.batch_bytes:
-                submit(split)
+            domain = _domain_id(doc, cfg.domain_field, domains, domain_ids)
+            for piece, last in document_pieces(doc.text, cfg.max_doc_chars):
+                texts, doc_domains, ends, size = pending[split]
+                texts.append(piece)
+                doc_domains.append(domain)
+                ends.append(last)
+                size += len(piece)
+                pending[split] = (texts, doc_domains, ends, size)
+                if size >= cfg.batch_bytes:
+                    submit(split)
         for split in SPLITS:
             submit(split)
         drain(0)

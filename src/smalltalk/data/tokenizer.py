@@ -97,17 +97,21 @@ class TextTokenizer:
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
-    def encode_documents(self, texts: Sequence[str], dtype=np.uint32) -> tuple[np.ndarray, np.ndarray]:
+    def encode_documents(self, texts: Sequence[str], dtype=np.uint32,
+                         ends: Sequence[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Encode documents and join them, each followed by EOS.
 
-        Returns (tokens (sum(lengths),), lengths (len(texts),)) where lengths count the EOS.
-        No Python loop per token: ids are flattened with ``np.fromiter`` and EOS placed with ``np.insert``.
+        With `ends`, only the texts whose flag is True are followed by EOS: the others are pieces of a
+        long document that the next text continues. Returns (tokens (sum(lengths),), lengths
+        (len(texts),)) where lengths count the EOS. No Python loop per token: ids are flattened with
+        ``np.fromiter`` and EOS placed with ``np.insert``.
         """
         ids = self.encode_batch(texts)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-        tokens = np.insert(flat, np.cumsum(lengths), self.eos_id).astype(dtype, copy=False)
-        return tokens, lengths + 1
+        eos = np.ones(len(ids), dtype=bool) if ends is None else np.asarray(ends, dtype=bool)
+        tokens = np.insert(flat, np.cumsum(lengths)[eos], self.eos_id).astype(dtype, copy=False)
+        return tokens, lengths + eos
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens (pad/bos/eos) are dropped by id unless `skip_special_tokens` is False."""
