@@ -393,3 +393,11 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(small_corpu
             assert (tmp_path / "whole" / a["file"]).read_bytes() == (tmp_path / "pieces" / b["file"]).read_bytes()
     with pytest.raises(SmallTalkError, match="max_doc_chars=0"):
         _cfg(small_corpus, tmp_path / "x", max_doc_chars=0)
+
+
+def test_a_vocabulary_the_text_cannot_fill_is_reported(small_corpus, tmp_path):
+    lines = []
+    manifest = prepare(_cfg(small_corpus, tmp_path / "big", vocab_size=30000), log=lines.append)
+    assert manifest["vocab_size"] < 30000
+    assert any(f"asked for a 30000-token vocabulary, but the training text only supports {manifest['vocab_size']}"
+               in line for line in lines)

@@ -196,3 +196,74 @@ def test_out_of_vocabulary_ids_in_an_unchecked_shard_are_found(tiny_data, tmp_pa
     path.write_bytes(bytes(raw))
     with pytest.raises(SmallTalkError, match=r"token id 5000 is outside the vocabulary \(size 2048\)"):
         TokenDataset.from_dir(tmp_path)
+
+
+# -- stage time of interrupted runs -----------------------------------------------------------------------------
+
+def test_stage_clock_keeps_the_time_of_an_interrupted_attempt(tmp_path):
+    from smalltalk.mixture.pipeline import StageClock
+
+    path = tmp_path / "stages.json"
+    timings = {"experts": 100.0}  # a killed attempt recorded 100 s
+    with StageClock(path, timings, "experts", every_s=0.01):
+        deadline = time.monotonic() + 60
+        while read_json(path).get("experts", 0) <= 100.0 if path.exists() else True:
+            assert time.monotonic() < deadline, "the clock never wrote the running stage"
+            time.sleep(0.01)
+    assert read_json(path)["experts"] > 100.0  # the attempts add up
+    with pytest.raises(RuntimeError):
+        with StageClock(path, timings, "evaluate", every_s=60):
+            raise RuntimeError("stage failed")
+    assert "evaluate" in read_json(path)  # a failed attempt's time is kept too
+
+
+# -- one-line errors where tracebacks were, and quiet surprises ----------------------------------------------
+
+def _smalltalk(*args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smalltalk", *args], input=stdin, capture_output=True, timeout=600)
+
+
+def test_non_utf8_prompts_are_refused_by_generate_and_route(model_dir, tiny_mixture):
+    for cmd in (["generate", str(model_dir)], ["route", str(tiny_mixture["bundle"])]):
+        proc = _smalltalk(*cmd, "--prompt", b"caf\xe9 au lait")  # Latin-1 bytes on the command line
+        assert proc.returncode == 2 and b"--prompt: not UTF-8 text" in proc.stderr and b"Traceback" not in proc.stderr
+        proc = _smalltalk(*cmd, "--prompt", "-", stdin=b"caf\xe9 au lait")
+        assert proc.returncode == 2 and b"standard input is not UTF-8 text (byte 0xe9 at offset 3)" in proc.stderr
+
+
+def test_eval_mixture_out_is_checked_before_the_work(tiny_mixture, tiny_data, tmp_path, capsys):
+    argv = ["eval-mixture", "--bundle", str(tiny_mixture["bundle"]), "--dense", str(tiny_mixture["dense"]),
+            "--data", str(tmp_path / "does-not-matter"), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert f"--out {tmp_path}: is a directory" in capsys.readouterr().err
+
+
+def test_lower_or_higher_is_worded_for_humans():
+    from smalltalk.cli.eval_mixture import lower_or_higher
+
+    assert lower_or_higher(3.1) == "3.10% lower" and lower_or_higher(-0.8) == "0.80% higher (worse)"
+
+
+def test_yaml_mistakes_are_named_before_any_stage_runs(tmp_path, capsys):
+    cases = {"preset: tiny\nexpert_train: {lr: fast}\n": "expert_train: train config: lr='fast' must be a float",
+             "name: only-a-name\n": "no `preset:` line and no num_experts, prefix_len, data",
+             "preset: tiny\nprefix_len: 500\n": "prefix_len=500 is longer than the data's sequences (data.seq_len=128)",
+             "preset: tiny\nexpert_model: {num_layers: two}\n": "num_layers='two' must be an int"}
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        assert main(["run", "--config", str(path), "--out", str(tmp_path / f"run{i}")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / f"run{i}").exists()  # nothing prepared
+
+
+def test_written_directories_respect_the_umask(model_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        model, _ = load_model_dir(model_dir)
+        out = save_model_dir(tmp_path / "shared", model, model_dir / "tokenizer.json")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())

@@ -22,6 +22,29 @@ def check_known_keys(cls: type, d: dict, where: str) -> None:
         raise SmallTalkError(f"{where}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
 
 
+_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(obj: Any, where: str) -> None:
+    """Refuse a field whose value is not of its annotated simple type (int, float, bool, str, or one of them
+    or None), naming the field: YAML gives `lr: fast` as a string, which would otherwise fail much later
+    with an error that names nothing."""
+    for f in dataclasses.fields(obj):
+        spec = str(f.type).replace(" ", "")
+        options = spec.split("|")
+        optional = "None" in options
+        names = [o for o in options if o != "None"]
+        if not names or any(n not in _SIMPLE_TYPES for n in names):
+            continue
+        value = getattr(obj, f.name)
+        if value is None and optional:
+            continue
+        allowed = tuple(t for n in names for t in _SIMPLE_TYPES[n])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            kind = " or ".join(names) + (" or null" if optional else "")
+            raise SmallTalkError(f"{where}: {f.name}={value!r} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
+
+
 class DictConfig:
     """Mixin for ``@dataclass`` configs: `to_dict`, `from_dict` (unknown keys refused), `replace`."""
 

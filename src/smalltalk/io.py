@@ -17,6 +17,20 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def temp_dir(prefix: str, parent: Path) -> Path:
+    """A new temporary directory in `parent`, with the usual permissions (0777 & ~umask) rather than mkdtemp's
+    0700, so the directory it becomes is readable by whoever the umask allows (shared file systems)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
@@ -25,9 +39,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600 files; give the final file the usual permissions (0666 & ~umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -58,7 +70,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     if not dst.exists():
         os.replace(src, dst)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", suffix=".partial", dir=dst.parent))
+    old = temp_dir(f".{dst.name}.old.", dst.parent)
     os.replace(dst, old / dst.name)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
@@ -70,7 +82,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     (replacing any previous directory whole), on error deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    tmp = temp_dir(f".{path.name}.", path.parent)
     try:
         yield tmp
         fsync_dir(tmp)

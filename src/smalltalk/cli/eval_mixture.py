@@ -35,12 +35,16 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_json
     from ..mixture.evaluate import EvalConfig, evaluate_mixture
 
-    if args.run is not None:
-        bundle, dense, data = args.run / "bundle", args.run / "dense" / "model", args.run / "data"
+    if args.run is not None:  # --bundle / --dense / --data replace the run's own
+        bundle = args.bundle or args.run / "bundle"
+        dense = args.dense or args.run / "dense" / "model"
+        data = args.data or args.run / "data"
     elif args.bundle and args.dense and args.data:
         bundle, dense, data = args.bundle, args.dense, args.data
     else:
         raise SmallTalkError("give --run RUN_DIR, or all of --bundle, --dense and --data")
+    if args.out is not None:  # checked before minutes of scoring, not after
+        check_output_file(args.out)
     try:
         prefix_lens = [int(x) for x in args.prefix_lens.split(",") if x.strip()]
     except ValueError:
@@ -50,12 +54,12 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_mixture(bundle, dense, data, cfg)
     if args.out:
         atomic_write_json(args.out, result)
-    print(f"{result['num_seqs']} {args.split} sequences: mixture ppl {result['mixture']['ppl']:.3f}, dense ppl "
-          f"{result['dense']['ppl']:.3f} ({result['improvement_pct']:+.2f}% lower)")
+    print(f"{result['num_seqs']} {args.split} sequences of {data}: mixture ppl {result['mixture']['ppl']:.3f}, dense ppl "
+          f"{result['dense']['ppl']:.3f} ({lower_or_higher(result['improvement_pct'])})")
     for r in result["per_expert"]:
         if r["num_seqs"]:
             print(f"  expert {r['expert']}: {100 * r['share']:.1f}% of sequences, expert ppl {r['expert_ppl']:.3f} "
-                  f"vs dense {r['dense_ppl']:.3f} ({r['improvement_pct']:+.2f}%)")
+                  f"vs dense {r['dense_ppl']:.3f} ({lower_or_higher(r['improvement_pct'])})")
     for s in result["prefix_sweep"]:
         print(f"  M-hat {s['prefix_len']}: mixture ppl {s['ppl']:.3f} ({s['improvement_pct']:+.2f}%)")
     if "soft_topk" in result:
@@ -64,3 +68,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print(json.dumps({k: result[k] for k in ("mixture", "dense", "improvement_pct")}))
     return 0
+
+
+def lower_or_higher(improvement_pct: float) -> str:
+    """The improvement over dense in words: "3.10% lower", or "0.80% higher (worse)"."""
+    if improvement_pct >= 0:
+        return f"{improvement_pct:.2f}% lower"
+    return f"{-improvement_pct:.2f}% higher (worse)"
+
+
+def check_output_file(path: Path) -> None:
+    if path.is_dir():
+        raise SmallTalkError(f"--out {path}: is a directory; give a file path for the JSON results, e.g. {path}/results.json")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise SmallTalkError(f"--out {path}: {parent} is a file, not a directory")

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import SmallTalkError
+from ._prompt import read_prompt
 
 
 def add_parser(subparsers) -> None:
@@ -60,7 +61,7 @@ def run(args) -> int:
         if args.threads < 1:
             raise SmallTalkError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     model, tokenizer = load_generator(args.model_dir, device)
     start = time.perf_counter()
     result = generate(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,

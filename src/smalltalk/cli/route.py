@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SmallTalkError
+from ._prompt import read_prompt
 
 
 def add_parser(subparsers) -> None:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..mixture.inference import Mixture
 
     mixture = Mixture.load(resolve_bundle(args.bundle), device=args.device)
-    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    prompts = [read_prompt(p) for p in args.prompt]
     routes = [mixture.route(p, args.prefix_len) for p in prompts]
     status = mixture.status(verify=args.verify)
     if args.json:
@@ -94,7 +95,7 @@ def generate_from_bundle(args: argparse.Namespace) -> int:
             raise SmallTalkError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
     mixture = Mixture.load(resolve_bundle(args.model_dir), device=args.device)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     start = time.perf_counter()
     out = mixture.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, stop=args.stop, seed=args.seed, greedy=args.greedy,

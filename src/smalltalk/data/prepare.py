@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .. import __version__
-from ..config_dict import DictConfig
+from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temps
 from ..paths import default_corpus_dir
@@ -108,6 +108,7 @@ class PrepareConfig(DictConfig):
     """Preset name this config came from (informational)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, self.config_kind)
         if isinstance(self.corpus, (str, os.PathLike)):
             self.corpus = (self.corpus,)
         self.corpus = tuple(str(c) for c in self.corpus)
@@ -565,6 +566,10 @@ def _get_tokenizer(cfg: PrepareConfig, out: Path, planned: list[PlannedSource], 
     log(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer on {sum(map(len, texts)) / 1e6:.1f} MB "
         f"({len(texts)} documents from {len(train_files)} files)")
     tokenizer = train_tokenizer(texts, cfg.vocab_size, target)
+    if tokenizer.vocab_size < cfg.vocab_size:
+        log(f"warning: asked for a {cfg.vocab_size}-token vocabulary, but the training text only supports "
+            f"{tokenizer.vocab_size} tokens (BPE ran out of pairs to merge); the data and models use "
+            f"{tokenizer.vocab_size}. Give more text (--tokenizer-sample-bytes) or a smaller --vocab-size")
     atomic_write_json(out / STATE, {"tokenizer_fingerprint": tokenizer_fingerprint, "tokenizer_sha256": tokenizer.sha256})
     return tokenizer, True
 

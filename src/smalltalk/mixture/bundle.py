@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import SmallTalkError
-from ..io import atomic_write_json, read_json, replace_dir
+from ..io import atomic_write_json, read_json, replace_dir, temp_dir
 from ..model.io import CONFIG_FILE, WEIGHTS_FILE, read_model_config, sha256_file
 
 FORMAT = "smalltalk-mixture"
@@ -184,7 +183,7 @@ def build_bundle(out: str | os.PathLike, *, router_dirs: Sequence[Path], expert_
                 raise SmallTalkError(f"{d}: {kind} {e} was trained with tokenizer {sha[:12]}, the bundle's is "
                                      f"{tok_sha[:12]}; all models of a mixture must share one tokenizer")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = temp_dir(f".{out.name}.", out.parent)
     try:
         routers, experts = [], []
         for e in range(E):

@@ -49,6 +49,14 @@ def _prepare_module():
 
 def _section(kind: str, value: Any, presets: dict, cls) -> Any:
     """A section given as a config object, a preset name, or a dict {"preset": name, **overrides}."""
+    try:
+        return _build_section(kind, value, presets, cls)
+    except SmallTalkError as e:
+        message = str(e)
+        raise SmallTalkError(message if message.startswith("run config") else f"run config: {kind}: {message}") from None
+
+
+def _build_section(kind: str, value: Any, presets: dict, cls) -> Any:
     if isinstance(value, cls):
         return value
     if isinstance(value, str):
@@ -129,6 +137,10 @@ class RunConfig:
         if self.expert_train.loss_prefix_len is not None:
             raise SmallTalkError("run config: expert_train.loss_prefix_len must be unset: experts train on whole "
                                  "sequences (Eq. 1)")
+        if self.prefix_len > self.data.seq_len:  # checked before any stage runs, not after prepare
+            raise SmallTalkError(f"run config: prefix_len={self.prefix_len} is longer than the data's sequences "
+                                 f"(data.seq_len={self.data.seq_len}); use a prefix of at most {self.data.seq_len} "
+                                 "tokens or a longer seq_len")
         if any(m > self.prefix_len for m in self.eval.prefix_lens):
             raise SmallTalkError(f"run config: eval.prefix_lens={self.eval.prefix_lens} must be <= prefix_len="
                                  f"{self.prefix_len} (routers only score M tokens)")
@@ -269,6 +281,10 @@ def run_preset(preset: str, **overrides) -> RunConfig:
     return RunConfig.from_dict({"preset": preset, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+# A YAML without `preset:` must give these itself.
+_UNPRESET_KEYS = ("num_experts", "prefix_len", "data", "routers", "expert_model", "expert_train")
+
+
 def load_run_config(spec: str | Path, **overrides) -> RunConfig:
     """A preset name or a YAML/JSON file path -> RunConfig."""
     path = Path(spec)
@@ -291,6 +307,11 @@ def load_run_config(spec: str | Path, **overrides) -> RunConfig:
     if not isinstance(raw, dict):
         raise SmallTalkError(f"{path}: a run config must be a mapping of keys (name, num_experts, data, ...)")
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    unset = [k for k in _UNPRESET_KEYS if k not in raw]
+    if "preset" not in raw and unset:
+        raise SmallTalkError(f"{path}: no `preset:` line and no {', '.join(unset)}: those would silently take "
+                             f"built-in defaults; add `preset: tiny` (or {', '.join(p for p in RUN_PRESETS if p != 'tiny')}) "
+                             "to start from a run preset, or give every one of them")
     try:
         return RunConfig.from_dict(raw)
     except TypeError as e:

@@ -24,6 +24,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -214,6 +215,38 @@ RUN: dict[str, Callable[[RunLayout, RunConfig, dict], None]] = {
 }
 
 
+class StageClock:
+    """Times one stage into ``stages.json``, rewriting its entry every `every_s` seconds while it runs: a
+    killed attempt keeps the time it spent (to within `every_s`), and the next attempt adds to it. Evaluate
+    and report are re-done whole, so only their last attempt counts."""
+
+    def __init__(self, path: Path, timings: dict, stage: str, every_s: float = 10.0):
+        self.path, self.timings, self.stage, self.every_s = path, timings, stage, every_s
+        self.before = timings.get(stage, 0.0) if stage not in ("report", "evaluate") else 0.0
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _write(self) -> None:
+        self.seconds = time.perf_counter() - self._start
+        self.timings[self.stage] = round(self.before + self.seconds, 2)
+        atomic_write_json(self.path, self.timings)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._write()
+
+    def __enter__(self) -> "StageClock":
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._write()  # also after an error: a failed attempt's time counts like a killed one's
+
+
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, until: str | None = None, expert_workers: int = 1,
                  progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Run every stage not yet complete, in order, up to and including `until`; returns the timings."""
@@ -240,12 +273,9 @@ def _run_stages(layout: RunLayout, cfg: RunConfig, until: str | None, expert_wor
             log(f"{head}: complete, skipped")
             continue
         log(f"{head}: running")
-        start = time.perf_counter()
-        RUN[stage](layout, cfg, ctx)
-        seconds = time.perf_counter() - start
-        timings[stage] = round(seconds + (timings.get(stage, 0.0) if stage not in ("report", "evaluate") else 0), 2)
-        atomic_write_json(layout.stages, timings)
-        log(f"{head}: done in {seconds:.1f}s")
+        with StageClock(layout.stages, timings, stage) as clock:
+            RUN[stage](layout, cfg, ctx)
+        log(f"{head}: done in {clock.seconds:.1f}s")
     if "report" in stages:
         ev = read_json(layout.eval_results)
         log(f"mixture test ppl {ev['mixture']['ppl']:.2f} vs dense {ev['dense']['ppl']:.2f} "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config_dict import DictConfig
+from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 
 
@@ -44,6 +44,7 @@ class ModelConfig(DictConfig):
     """Preset name this config came from (informational)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, self.config_kind)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_mult", "max_seq_len"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import SmallTalkError
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json, current_umask
 from .config import ModelConfig
 from .io import TOKENIZER_FILE, load_model_dir, unwrap_model, weights_state_dict
 from .transformer import Transformer
@@ -110,6 +110,7 @@ def export_hf(model_dir_or_model: str | os.PathLike | torch.nn.Module, tokenizer
 
         # transformers refuses safetensors files without format metadata.
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~current_umask())
         atomic_write_json(tmp / "config.json", hf_config(cfg, dtype=dtype, **_short(ids)))
         atomic_write_json(tmp / "generation_config.json", ids)
         save_pretrained_tokenizer(tokenizer_file, tmp, model_max_length=cfg.max_seq_len)

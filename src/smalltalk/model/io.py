@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import SmallTalkError
-from ..io import atomic_dir, atomic_write_json, read_json
+from ..io import atomic_dir, atomic_write_json, current_umask, read_json
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -72,6 +72,7 @@ def save_weights(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
     from safetensors.torch import save_file
 
     save_file(weights_state_dict(model), str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600; shared file systems need the umask's mode
 
 
 def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:

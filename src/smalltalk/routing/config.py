@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..config_dict import DictConfig
+from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 from ..model.config import PRESETS
 from ..train.config import TrainConfig
@@ -60,6 +60,7 @@ class RouterEMConfig(DictConfig):
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        check_field_types(self, self.config_kind)
         for key in ("num_experts", "prefix_len", "iterations", "steps_per_iteration", "batch_size",
                     "score_batch_size"):
             value = getattr(self, key)

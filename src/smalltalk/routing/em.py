@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from ..errors import SmallTalkError
 from ..io import atomic_open, atomic_write_json, atomic_write_text, read_json
@@ -446,6 +447,7 @@ def _write_manifest(out: Path, cfg: RouterEMConfig, model_cfg: ModelConfig, data
                                             "heldout_nmi")},
         "comm": {"ranks": comm_report["ranks"], "estimate": comm_report["estimate"]},
         "elapsed_s": elapsed,
+        "torch_threads": torch.get_num_threads(),  # bit-exact results need the same thread count
         "files": {"log": "em_log.jsonl", "plot": "em_plot.png", "comm": "comm.json", "config": "em_config.json"},
     }
     atomic_write_json(out / "manifest.json", manifest)

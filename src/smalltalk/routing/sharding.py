@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from ..data.shards import ShardWriter
 from ..errors import SmallTalkError
@@ -261,7 +262,7 @@ def _write_manifests(out: Path, data_dir: Path, data_manifest: dict, rmanifest: 
                     "weights_sha256": [r["weights_sha256"] for r in rmanifest["routers"]],
                     "manifest_sha256": sha256_file(routers / "manifest.json")},
         "tokenizer_sha256": settings["tokenizer_sha256"], "data_dir": settings["data_dir"],
-        "elapsed_s": elapsed,
+        "elapsed_s": elapsed, "torch_threads": torch.get_num_threads(),
     }
     atomic_write_json(out / "manifest.json", manifest)
     return manifest

@@ -28,7 +28,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import SmallTalkError
-from ..io import atomic_write_json, atomic_write_text, read_json
+from ..io import atomic_write_json, atomic_write_text, read_json, temp_dir
 from ..model.config import ModelConfig
 from ..model.io import load_weights, save_weights, sha256_file
 
@@ -92,7 +91,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     previous = latest_checkpoint(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
+    tmp = temp_dir(f".{final.name}.", root)
     try:
         save_weights(tmp / "model.safetensors", model)
         with open(tmp / "optimizer.pt", "wb") as f:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config_dict import DictConfig
+from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 
 SCHEDULES = ("cosine", "constant")
@@ -66,6 +66,7 @@ class TrainConfig(DictConfig):
     """Preset this config came from (informational)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, self.config_kind)
         for key in ("max_steps", "batch_size", "grad_accum", "keep_last_k", "log_every"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

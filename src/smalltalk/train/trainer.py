@@ -189,7 +189,9 @@ class Trainer:
 
     def _config_json(self) -> dict[str, Any]:
         return {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict(),
-                "tokenizer_sha256": self.tokenizer_sha256, "world_size": self.dist.world_size}
+                "tokenizer_sha256": self.tokenizer_sha256, "world_size": self.dist.world_size,
+                # Results are bit-exact only at the same thread count (float reductions split differently).
+                "torch_threads": torch.get_num_threads()}
 
     # ----------------------------------------------------------------------------- state
 
