@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from smalltalk.cli import main  # noqa: E402
 from smalltalk.evaluation.downstream import compare, resolve_tasks, update_report  # noqa: E402
-from smalltalk.evaluation.lm_eval_cli import TASKS_DIR, with_task_path  # noqa: E402
+from smalltalk.evaluation.lm_eval_cli import TASKS_DIR, task_paths  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_eval_downstream_writes_the_side_by_side_table(tiny_mixture, tmp_path, capsys):
@@ -107,11 +110,27 @@ def test_eval_downstream_missing_inputs_exit_2(tmp_path, capsys):
     assert "give --out DIR" in capsys.readouterr().err
 
 
-def test_with_task_path_adds_our_tasks_once():
-    assert with_task_path(["--model", "smalltalk", "--tasks", "x"])[-2:] == ["--include_path", str(TASKS_DIR)]
-    assert with_task_path(["run", "--include_path", "/a", "--tasks", "x"])[2] == f"/a:{TASKS_DIR}"
-    assert with_task_path(["ls", "tasks"])[-1] == str(TASKS_DIR)
-    assert with_task_path(["--help"]) == ["--help"]
+def test_task_paths_split_the_include_path_and_add_ours_once(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert task_paths(None) == [TASKS_DIR]
+    assert task_paths(f"{a}{os.pathsep}{b}") == [a, b, TASKS_DIR]
+    assert task_paths([str(a), str(TASKS_DIR)]) == [a, TASKS_DIR]
+
+
+def test_user_task_folder_and_our_offline_tasks_resolve_together(tiny_mixture, tmp_path):
+    """The README's own-task example, through the wrapper: a task YAML in another folder (--include_path) and
+    one of our *_offline tasks in the same call, both found and run."""
+    cmd = [sys.executable, "-m", "smalltalk.evaluation.lm_eval_cli", "--model", "smalltalk", "--model_args",
+           f"bundle={tiny_mixture['bundle']}", "--tasks", "capitals,blimp_offline_wh_island",
+           "--include_path", "recipes/lm_eval_task", "--limit", "4", "--device", "cpu",
+           "--output_path", str(tmp_path / "out")]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (results,) = list((tmp_path / "out").rglob("results_*.json"))
+    data = json.loads(results.read_text())
+    assert data["n-samples"]["capitals"]["effective"] == 4
+    assert data["n-samples"]["blimp_offline_wh_island"]["effective"] == 4
 
 
 def test_lm_eval_cli_runs_the_smalltalk_model(tiny_mixture, tmp_path):
@@ -128,3 +147,18 @@ def test_lm_eval_cli_runs_the_smalltalk_model(tiny_mixture, tmp_path):
     assert data["n-samples"]["blimp_offline_wh_island"]["effective"] == 3
     assert data["config"]["model"] == "smalltalk"
     assert data["config"]["smalltalk"]["prefix_len"] == 16
+
+
+def test_eval_downstream_takes_a_task_yaml_and_prints_routing(tiny_mixture, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the example task's data_files path is relative to the repository root
+    argv = ["eval-downstream", "--bundle", str(tiny_mixture["bundle"]), "--dense", str(tiny_mixture["dense"]),
+            "--tasks", "recipes/lm_eval_task/capitals.yaml", "--limit", "3", "--device", "cpu",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "requests routed, capitals: expert" in out
+    report = json.loads((tmp_path / "out" / "downstream.json").read_text())
+    assert report["lm_eval_tasks"] == ["capitals"]
+    assert main(["eval-downstream", "--bundle", str(tiny_mixture["bundle"]), "--tasks", "nope.yaml",
+                 "--out", str(tmp_path)]) == 2
+    assert "--tasks nope.yaml: task file not found" in capsys.readouterr().err

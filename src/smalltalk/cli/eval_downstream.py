@@ -18,7 +18,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dense", help="dense baseline model directory (default: RUN/dense/model)")
     parser.add_argument("--tasks", default="blimp,hellaswag,gsm8k",
                         help="comma-separated tasks: blimp (67 paradigms), blimp_<paradigm>, hellaswag, gsm8k "
-                             "(local copies), or any lm-eval task name (default: %(default)s)")
+                             "(local copies), any lm-eval task name, or a task YAML file of your own "
+                             "(default: %(default)s)")
+    parser.add_argument("--include-path", default=None, metavar="DIR[:DIR]",
+                        help="folders of your own lm-eval task YAMLs (ours are always included)")
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     parser.add_argument("--out", help="output directory for downstream.json / downstream.md (default: RUN/eval)")
     parser.add_argument("--prefix-len", type=int, default=None,
@@ -51,8 +54,13 @@ def run(args: argparse.Namespace) -> int:
                            prefix_len=args.prefix_len, batch_size=args.batch_size, device=args.device,
                            evals_dir=args.evals, online=args.online, num_fewshot=args.num_fewshot,
                            max_gen_toks=args.max_gen_toks, empty_context=args.empty_context,
-                           seed=args.seed)
+                           seed=args.seed, include_path=args.include_path or [])
     report = run_downstream(cfg)
+    routing = (report["comparison"].get("routing") or {}).get("requests", {})
+    for task, counts in routing.items():
+        total = sum(counts.values()) or 1
+        shares = ", ".join(f"expert {e}: {n} ({100 * n / total:.0f}%)" for e, n in sorted(counts.items(), key=lambda kv: int(kv[0])))
+        print(f"requests routed, {task}: {shares}")
     s = report["comparison"]["summary"]
     if s["tasks"]:
         print(f"mixture better or equal on {s['mixture_better'] + s['ties']}/{s['tasks']} tasks "

@@ -81,6 +81,8 @@ class DownstreamConfig:
     empty_context: str = "sequence"
     """Routing of empty-context requests (BLiMP): "sequence" (by the scored text) or "fallback"."""
     seed: int = 1234
+    include_path: list[str] = field(default_factory=list)
+    """Directories of the user's own lm-eval task YAMLs (our offline tasks are always included)."""
 
     def __post_init__(self) -> None:
         if self.run_dir is not None:
@@ -95,6 +97,13 @@ class DownstreamConfig:
         if isinstance(self.tasks, str):
             self.tasks = [t for t in self.tasks.split(",") if t.strip()]
         self.tasks = [t.strip() for t in self.tasks]
+        if isinstance(self.include_path, str):
+            self.include_path = [p for p in self.include_path.split(os.pathsep) if p]
+        self.include_path = [str(p) for p in self.include_path]
+        for p in self.include_path:
+            if not Path(p).is_dir():
+                raise SmallTalkError(f"--include-path {p}: directory not found")
+        self.tasks = [self._task_from_yaml(t) if t.endswith((".yaml", ".yml")) else t for t in self.tasks]
         if not self.tasks:
             raise SmallTalkError("tasks is empty; give e.g. --tasks blimp,hellaswag,gsm8k")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -106,6 +115,23 @@ class DownstreamConfig:
         for name, path in (("bundle", self.bundle), ("dense", self.dense)):
             if path is not None and not Path(path).is_dir():
                 raise SmallTalkError(f"--{name} {path}: directory not found")
+
+
+    def _task_from_yaml(self, path: str) -> str:
+        """A task given as its YAML file (as lm-eval's --tasks allows): its folder joins the task path and its
+        ``task:`` name is evaluated."""
+        import re
+
+        yaml_path = Path(path)
+        if not yaml_path.is_file():
+            raise SmallTalkError(f"--tasks {path}: task file not found")
+        found = re.search(r"^task:\s*['\"]?([^'\"\s#]+)", yaml_path.read_text(encoding="utf-8"), re.M)
+        if not found:
+            raise SmallTalkError(f"{yaml_path}: no `task:` name in this task file")
+        folder = str(yaml_path.parent)
+        if folder not in self.include_path:
+            self.include_path.append(folder)
+        return found.group(1)
 
 
 def resolve_tasks(names: list[str], online: bool = False) -> list[str]:
@@ -121,22 +147,23 @@ def resolve_tasks(names: list[str], online: bool = False) -> list[str]:
     return list(dict.fromkeys(resolved))
 
 
-def task_manager(evals_dir: str | None = None, tasks: list[str] | None = None):
-    """lm-eval TaskManager over our offline task directory; lm-eval's ~15k built-in task configs are
-    indexed too (tens of seconds) only when `tasks` names one that is not ours."""
+def task_manager(evals_dir: str | None = None, tasks: list[str] | None = None, include_path: list[str] = ()):
+    """lm-eval TaskManager over our offline task directory and the user's `include_path`; lm-eval's ~15k
+    built-in task configs are indexed too (tens of seconds) only when `tasks` names one that is not ours."""
     from lm_eval.tasks import TaskManager
 
-    from .lm_eval_cli import TASKS_DIR
+    from .lm_eval_cli import task_paths
 
     metadata = {"evals_dir": str(evals_dir)} if evals_dir else None
-    local = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    paths = [str(p) for p in task_paths(list(include_path))]
+    local = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
     known = set(local.match_tasks(tasks or []))
     ours = [t for t in tasks or [] if t.startswith(tuple(OFFLINE_TASKS.values())) and t not in known]
     if ours:  # our namespace: no need to index lm-eval's tasks to know these do not exist
         check_tasks(local, tasks)
     if tasks is None or known >= set(tasks):
         return local
-    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+    return TaskManager(include_path=paths, metadata=metadata)
 
 
 def check_tasks(manager, tasks: list[str]) -> None:
@@ -327,7 +354,7 @@ def run_downstream(cfg: DownstreamConfig) -> dict:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tasks = resolve_tasks(cfg.tasks, cfg.online)
-    manager = task_manager(cfg.evals_dir, tasks)
+    manager = task_manager(cfg.evals_dir, tasks, cfg.include_path)
     check_tasks(manager, tasks)
     if not cfg.online and cfg.evals_dir is None:
         from .task_data import resolve_evals_dir
