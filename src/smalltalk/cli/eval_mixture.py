@@ -2,6 +2,8 @@
 
     smalltalk eval-mixture --run RUN_DIR [--max-seqs 500] [--prefix-lens 8,16,32]
     smalltalk eval-mixture --bundle B --dense DENSE_MODEL_DIR --data DATA_DIR --out results.json
+    smalltalk eval-mixture runs/quickstart --text my_docs/          # your own text (the run's dense model too)
+    smalltalk eval-mixture BUNDLE --text a.txt b.jsonl --dense DENSE_MODEL_DIR
 
 Routes each test sequence by its prefix, scores it with the chosen expert, and prints the mixture's
 and the dense model's perplexity, the per-expert table, and the routing-prefix sweep.
@@ -20,6 +22,11 @@ from ._eval_args import add_scoring_flags
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval-mixture", help="test perplexity of a mixture bundle vs the dense baseline",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", type=Path, nargs="?", help="a run directory or a mixture bundle (or use --run / --bundle)")
+    p.add_argument("--text", nargs="+", metavar="SOURCE",
+                   help="score your own text instead of a prepared split: files (.txt/.md/.jsonl/.parquet), "
+                        "directories, globs or hf:NAME; tokenized with the bundle's tokenizer, grouped by the "
+                        "`domain` field or the file name")
     p.add_argument("--run", type=Path, help="run directory (uses its bundle/, dense/model and data/)")
     p.add_argument("--bundle", type=Path, help="mixture bundle directory")
     p.add_argument("--dense", type=Path, help="dense baseline model directory")
@@ -35,6 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_json
     from ..mixture.evaluate import EvalConfig, evaluate_mixture
 
+    if args.target is not None:
+        from ..mixture.bundle import is_bundle
+
+        if is_bundle(args.target):
+            args.bundle = args.bundle or args.target
+        elif args.run is None:
+            args.run = args.target
+    if args.text:
+        return run_on_text(args)
     if args.run is not None:  # --bundle / --dense / --data replace the run's own
         bundle = args.bundle or args.run / "bundle"
         dense = args.dense or args.run / "dense" / "model"
@@ -83,3 +99,24 @@ def check_output_file(path: Path) -> None:
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise SmallTalkError(f"--out {path}: {parent} is a file, not a directory")
+
+
+def run_on_text(args: argparse.Namespace) -> int:
+    from ..io import atomic_write_json
+    from ..mixture.text_eval import describe, evaluate_text
+
+    if args.data is not None:
+        raise SmallTalkError("--text and --data both name what to score; give one of them")
+    bundle = args.bundle or (args.run / "bundle" if args.run else None)
+    if bundle is None:
+        raise SmallTalkError("--text needs a mixture: give a run directory or bundle (positional, --run or --bundle)")
+    dense = args.dense or (args.run / "dense" / "model" if args.run and (args.run / "dense" / "model").is_dir() else None)
+    if args.out is not None:
+        check_output_file(args.out)
+    result = evaluate_text(bundle, args.text, dense=dense, batch_size=args.batch_size, max_seqs=args.max_seqs,
+                           device=args.device)
+    for line in describe(result):
+        print(line)
+    if args.out:
+        atomic_write_json(args.out, result)
+    return 0
