@@ -57,3 +57,11 @@ def test_serve_config_validation():
                             ({"experts": {0: {"url": "http://h", "colour": 1}}}, "unknown keys ['colour']")):
         with pytest.raises(SmallTalkError, match=message.replace("[", r"\[").replace("]", r"\]")):
             ServeConfig(path="x", **kwargs)
+
+
+def test_a_character_cut_by_the_last_token_is_left_out(tok):
+    ids = tok.encode("vu: 東京")
+    cut = next(n for n in range(len(ids), 0, -1) if decode(tok, ids[:n]).endswith("\ufffd"))
+    stream = TextStream(tok)
+    sent = "".join(stream.add(t) for t in ids[:cut]) + stream.finish()
+    assert sent == decode(tok, ids[:cut]).rstrip("\ufffd") and "\ufffd" not in sent

@@ -269,6 +269,7 @@ def iter_split_documents(planned: list[PlannedSource], cfg: PrepareConfig, stats
         if only_split is not None and p.split not in (only_split, HASH_SPLIT):
             continue
         used = collections.Counter()
+        capped: set[str] = set()
         for doc in iter_documents(p.source, cfg.text_field, cfg.meta_fields, cfg.skip_bad, stats):
             split = p.split if p.split != HASH_SPLIT else _hash_split(doc.text, cfg)
             if only_split is not None and split != only_split:
@@ -276,11 +277,17 @@ def iter_split_documents(planned: list[PlannedSource], cfg: PrepareConfig, stats
             if budget_per_file is not None:
                 room = budget_per_file - used[split]
                 if room <= 0:
+                    if split not in capped:
+                        capped.add(split)
+                        stats.capped += 1
                     if p.split != HASH_SPLIT or split == "train":
                         break
                     continue
                 nbytes = len(doc.text.encode("utf-8"))
                 if nbytes > room:
+                    if split not in capped:
+                        capped.add(split)
+                        stats.capped += 1
                     doc = dataclasses.replace(doc, text=_truncate_utf8(doc.text, room))
                 used[split] += min(nbytes, room)
             yield split, doc
@@ -637,6 +644,9 @@ def _encode_all(cfg: PrepareConfig, out: Path, planned: list[PlannedSource], tok
         if splits[s]["num_seqs"] == 0:
             log(f"warning: split {s!r} has no complete sequence of {cfg.seq_len} tokens")
     log("; ".join(f"{s}: {v['num_seqs']} seqs, {v['num_documents']} docs" for s, v in splits.items()))
+    if stats.capped:
+        log(f"note: read only the first {cfg.max_bytes_per_file:,} bytes of text of {stats.capped} corpus file(s) "
+            f"(max_bytes_per_file of the {cfg.name!r} settings); --max-bytes-per-file N changes the cap")
     return {
         "format": FORMAT, "version": VERSION, "seq_len": cfg.seq_len, "vocab_size": tokenizer.vocab_size,
         "token_dtype": dtype.name, "domains": domains, "splits": splits,

@@ -66,6 +66,8 @@ class ReadStats:
     """Unreadable / empty files skipped because of ``skip_bad``."""
     empty: int = 0
     """Records whose text was empty (ignored: they carry no tokens)."""
+    capped: int = 0
+    """Files (per split) whose text was cut at `max_bytes_per_file` (prepare)."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -232,5 +232,6 @@ def evaluate_mixture(bundle: str | Path | Mixture, dense_dir: str | Path, data_d
                        train_shares=[x.train_share for x in mixture.info.experts],
                        domain_names=manifest.get("domains"), bytes_per_token=split.bytes_per_token)
     result["split"] = cfg.split
+    result["split_num_seqs"] = len(split.dataset)
     result["config"] = asdict(cfg)
     return result

@@ -48,6 +48,15 @@ def make_plots(results: dict, plot_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def _test_set(ev: dict) -> str:
+    """"512 test sequences", saying when they are an evenly spaced subset of the split and how to score all."""
+    n, total = ev["num_seqs"], ev.get("split_num_seqs")
+    if total is None or n >= total:
+        return f"{n:,} test sequences" + (" (the whole split)" if total else "")
+    return (f"{n:,} test sequences (an evenly spaced subset of the {total:,} of the test split; set eval.max_seqs: 0 "
+            "in the run config, or run `smalltalk eval-mixture --run RUN`, to score them all)")
+
+
 def render(results: dict, plots: dict[str, Path] | None = None, base: Path | None = None) -> str:
     """Markdown of the report; `plots` paths are written relative to `base`."""
     ev = results["eval"]
@@ -58,7 +67,7 @@ def render(results: dict, plots: dict[str, Path] | None = None, base: Path | Non
     verdict = "below" if ev["mixture"]["ppl"] < ev["dense"]["ppl"] else "NOT below"
     out += [f"Mixture of **{E} experts** routed on a **{M}-token prefix**: test perplexity "
             f"**{ev['mixture']['ppl']:.2f}** vs dense **{ev['dense']['ppl']:.2f}** "
-            f"({ev['improvement_pct']:+.2f}% improvement: {verdict} dense) on {ev['num_seqs']} test sequences "
+            f"({ev['improvement_pct']:+.2f}% improvement: {verdict} dense) on {_test_set(ev)} "
             f"({ev['num_tokens']:,} predicted tokens), at equal training tokens; training FLOPs "
             f"{costs.training_overhead_pct:+.2f}% and inference FLOPs {costs.inference_overhead_pct:+.2f}% vs dense.",
             ""]

@@ -93,6 +93,8 @@ class ModelConfig(DictConfig):
 
 
 def _millions(n: int) -> str:
+    if n < 1_000_000:  # "0.01M (0.00M non-embedding)" says nothing: exact counts for small models
+        return f"{n:,}"
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 

@@ -35,13 +35,15 @@ from .transformer import Transformer
 
 # Special-token spellings tried, in order, when the tokenizer does not say its EOS id
 # (the same order as smalltalk.data.tokenizer).
+REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of an incomplete UTF-8 character
 EOS_CANDIDATES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eos|>", "[EOS]")
 
 
 @dataclass
 class GenerationResult:
     text: str
-    """Decoded continuation (without the prompt), EOS removed, cut before the first stop string."""
+    """Decoded continuation (without the prompt), EOS removed, cut before the first stop string; a character
+    whose UTF-8 bytes were not all generated is left out (`token_ids` has them)."""
     token_ids: list[int]
     """Generated token ids, EOS excluded; with a stop string, up to the token that completed it."""
     finish_reason: str
@@ -109,6 +111,7 @@ def generate_batch(model: Transformer, tokenizer, prompts: Sequence[str | Sequen
     results = []
     for b in range(B):
         text = texts[b] if texts[b] is not None else decode(tokenizer, new_ids[b])
+        text = text.rstrip(REPLACEMENT)  # the last token may end inside a UTF-8 character: drop the half
         results.append(GenerationResult(text=text, token_ids=new_ids[b], finish_reason=reasons[b] or "length",
                                         prompt_ids=decoder.prompts[b], prompt_truncated=decoder.truncated[b]))
     return results

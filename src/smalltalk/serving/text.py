@@ -3,7 +3,7 @@
 Byte-level BPE tokens can end in the middle of a UTF-8 character; decoding such a prefix gives
 U+FFFD. `TextStream` holds text back until the character is complete, and holds back a tail that
 could still become a stop string, so what was sent never has to be taken back. `finish()` returns
-the rest (a character that never completed stays U+FFFD).
+the rest, without a last character whose bytes never all arrived (as `generate` does).
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..model.generate import decode
-
-REPLACEMENT = "\ufffd"
+from ..model.generate import REPLACEMENT, decode
 
 
 class TextStream:
@@ -42,7 +40,7 @@ class TextStream:
 
     def finish(self) -> str:
         """Everything not sent yet."""
-        return self._take(self.text)
+        return self._take(self.text.rstrip(REPLACEMENT))
 
     def _take(self, upto: str) -> str:
         piece = upto[self.sent:]

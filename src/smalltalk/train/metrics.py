@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,14 @@ class MetricsLogger:
         self._file = open(self.path, "a", encoding="utf-8")
         from tqdm.auto import tqdm
 
-        # progress=None: a bar on terminals, nothing in logs / CI.
+        # progress=None: a bar on terminals; in logs (stderr not a terminal) a plain line every tenth of the run,
+        # so a long stage inside `smalltalk run` never goes silent. progress=False: neither.
+        tty = sys.stderr.isatty()
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                         disable=(not sys.stderr.isatty()) if progress is None else not progress)
+                         disable=(not tty) if progress is None else not progress)
+        self._lines = progress is None and not tty
+        self._total, self._every = total_steps, max(1, total_steps // 10)
+        self._start_step, self._t0 = start_step, time.perf_counter()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -76,6 +82,10 @@ class MetricsLogger:
     def progress(self, step: int, **postfix: Any) -> None:
         if self._bar is None:
             return
+        if self._lines and (step % self._every == 0 or step == self._total):
+            rate = (step - self._start_step) / max(time.perf_counter() - self._t0, 1e-9)
+            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items() if v)
+            print(f"step {step}/{self._total} {shown} ({rate:.2f} steps/s)", file=sys.stderr, flush=True)
         self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                               refresh=False)
         self._bar.update(step - self._bar.n)  # update() (not assigning n) keeps tqdm's rate and ETA right
