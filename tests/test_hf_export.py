@@ -116,3 +116,19 @@ def test_cli_export_checks_and_replaces(exported, tmp_path, capsys):
     with pytest.raises(SmallTalkError, match="tokenizer file not found"):
         export_hf(model_dir, tmp_path / "nope.json", tmp_path / "y")
     assert not (tmp_path / "y").exists()
+
+
+def test_a_bundle_exports_every_model_and_says_how_to_route(tiny_mixture, tmp_path, capsys):
+    from smalltalk.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["export", str(tiny_mixture["bundle"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("logits match ours") == 4  # 2 experts + 2 routers, each loaded by transformers
+    manifest = json.loads((out / "bundle_hf.json").read_text())
+    assert manifest["experts"] == ["expert-0", "expert-1"] and manifest["routers"] == ["router-0", "router-1"]
+    assert manifest["prefix_len"] == 32 and "highest-scoring router" in manifest["routing"]
+    for name in manifest["experts"] + manifest["routers"]:
+        assert (out / name / "model.safetensors").is_file() and (out / name / "tokenizer.json").is_file()
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "neither a model directory" in capsys.readouterr().err
