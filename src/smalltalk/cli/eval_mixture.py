@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import SmallTalkError
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise SmallTalkError(f"--prefix-lens {args.prefix_lens!r}: give comma-separated integers, e.g. 8,16,32")
     cfg = EvalConfig(split=args.split, max_seqs=args.max_seqs, batch_size=args.batch_size, prefix_lens=prefix_lens,
                      top_k=args.top_k, device=args.device)
-    result = evaluate_mixture(bundle, dense, data, cfg)
+    result = evaluate_mixture(bundle, dense, data, cfg,
+                              progress=lambda what: print(f"scored the {args.split} split with {what}", file=sys.stderr))
     if args.out:
         atomic_write_json(args.out, result)
     print(f"{result['num_seqs']} {args.split} sequences of {data}: mixture ppl {result['mixture']['ppl']:.3f}, dense ppl "

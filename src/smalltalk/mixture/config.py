@@ -206,7 +206,7 @@ def _tiny() -> dict:
             "routers": {"preset": "tiny", "iterations": 6, "steps_per_iteration": 40, "batch_size": 16},
             "expert_model": {"preset": "micro"},
             "expert_train": {"preset": "tiny", "lr": 0.01, "max_steps": 200, "batch_size": 64, "warmup_steps": 10,
-                             "eval_every": 100, "eval_batches": 4, "checkpoint_every": 100},
+                             "eval_every": 25, "eval_batches": 4, "checkpoint_every": 100},
             "eval": {"max_seqs": 512, "prefix_lens": [8, 16, 32], "top_k": 2}}
 
 
@@ -225,7 +225,7 @@ def _cpu(num_experts: int) -> dict:
                         "batch_size": 64, "lr": 0.01, "warmup_steps": 20},
             "expert_model": {"preset": "mini", "hidden_size": 32},
             "expert_train": {"preset": "cpu-small", "lr": 0.01, "max_steps": 500, "batch_size": 64,
-                             "warmup_steps": 20, "eval_every": 250, "eval_batches": 4, "checkpoint_every": 100},
+                             "warmup_steps": 20, "eval_every": 50, "eval_batches": 4, "checkpoint_every": 100},
             "eval": {"max_seqs": 4096, "prefix_lens": [8, 16], "top_k": 2}}
 
 

@@ -92,12 +92,18 @@ def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, do
     if M > S:
         raise SmallTalkError(f"the bundle routes on M={M} tokens but the test sequences have only {S}; evaluate on "
                              "data prepared with the bundle's seq_len")
-    router_logp = router_token_logprobs(mixture.routers, tokens[:, :M], batch_size=batch_size * 4)  # (N, E, M-1)
+    from tqdm import tqdm
+
     E = mixture.num_experts
+    # A bar on terminals (sequences x models scored); logs get the `progress` lines per model instead.
+    bar = tqdm(total=N * (E + 2), desc="eval-mixture", unit=" seq", disable=None, leave=False)
+    router_logp = router_token_logprobs(mixture.routers, tokens[:, :M], batch_size=batch_size * 4,
+                                        on_batch=bar.update)  # (N, E, M-1)
     expert_nll = np.zeros((N, E), dtype=np.float64)
     expert_token_logp = np.zeros((N, E, S - 1), dtype=np.float32) if keep_token_logp else None
     for e in range(E):
-        logp = token_logprobs(mixture.expert(e), tokens, batch_size=batch_size, device=mixture.device)  # (N, S-1)
+        logp = token_logprobs(mixture.expert(e), tokens, batch_size=batch_size, device=mixture.device,
+                              on_batch=bar.update)  # (N, S-1)
         expert_nll[:, e] = -logp.sum(axis=1, dtype=np.float64)
         _check_finite(expert_nll[:, e], f"expert {e} of {mixture.info.root}")
         if expert_token_logp is not None:
@@ -108,8 +114,9 @@ def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, do
     if dense.config.vocab_size != mixture.info.vocab_size:
         raise SmallTalkError(f"{dense_dir}: dense model vocabulary {dense.config.vocab_size} differs from the "
                              f"bundle's ({mixture.info.vocab_size}); compare models trained on the same data")
-    dense_nll = -token_logprobs(dense, tokens, batch_size=batch_size, device=mixture.device).sum(axis=1,
-                                                                                                 dtype=np.float64)
+    dense_nll = -token_logprobs(dense, tokens, batch_size=batch_size, device=mixture.device,
+                                on_batch=bar.update).sum(axis=1, dtype=np.float64)
+    bar.close()
     del dense
     _check_finite(dense_nll, f"the dense model {dense_dir}")
     _check_finite(router_logp, f"the routers of {mixture.info.root}")

@@ -88,7 +88,7 @@ class MixtureGeneration:
 
 @torch.no_grad()
 def token_logprobs(model: Transformer, tokens: np.ndarray | torch.Tensor, *, lengths: Sequence[int] | None = None,
-                   batch_size: int = 32, device: torch.device | str = "cpu") -> np.ndarray:
+                   batch_size: int = 32, device: torch.device | str = "cpu", on_batch=None) -> np.ndarray:
     """log p(x_{s+1} | x_{1:s}) of every next token: tokens (N, T) -> float32 (N, T - 1).
 
     With `lengths` (N,), row n is real only up to lengths[n] (right padding); entries past it are 0.
@@ -106,13 +106,16 @@ def token_logprobs(model: Transformer, tokens: np.ndarray | torch.Tensor, *, len
             logits = model(batch[:, :-1])  # (B, T-1, V)
         logp = -F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
         out[start:start + len(batch)] = logp.cpu().numpy()
+        if on_batch is not None:
+            on_batch(len(batch))
     if lengths is not None:
         keep = np.arange(T - 1)[None, :] < (np.asarray(lengths)[:, None] - 1)  # (N, T-1)
         out = np.where(keep, out, 0.0).astype(np.float32)
     return out
 
 
-def router_token_logprobs(routers: StackedRouters, tokens: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+def router_token_logprobs(routers: StackedRouters, tokens: np.ndarray, *, batch_size: int = 64,
+                          on_batch=None) -> np.ndarray:
     """log p(x_{s+1} | x_{1:s}) under each of the E routers: tokens (N, T) -> float32 (N, E, T - 1)."""
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     N, T = tokens.shape
@@ -121,6 +124,8 @@ def router_token_logprobs(routers: StackedRouters, tokens: np.ndarray, *, batch_
         for start in range(0, N, batch_size):
             idx = tokens[start:start + batch_size].to(routers.device)  # (B, T)
             out[start:start + len(idx)] = routers.token_log_probs(idx).permute(1, 0, 2).cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(idx))
     return out
 
 

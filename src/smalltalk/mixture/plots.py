@@ -1,8 +1,8 @@
 """PNG figures of a run, in the style of the paper (matplotlib, Agg backend, no display needed).
 
 * `plot_ppl_vs_flops` (Figure 2): perplexity vs cumulative training FLOPs, mixture and dense.
-* `plot_per_expert` (Figure 5): per routed test segment, dense (translucent) and expert (opaque)
-  perplexity; colour intensity is the segment's share of the test data.
+* `plot_per_expert` (Figure 5): per routed test segment, dense (wide, light) and expert (narrow)
+  perplexity; the label on each group is the segment's share of the test data.
 * `plot_prefix_sweep` (Figure 4b): mixture test perplexity vs routing prefix length M-hat.
 """
 
@@ -42,18 +42,28 @@ def plot_ppl_vs_flops(curves: dict, final: dict, path: Path, title: str = "") ->
         points = curves.get(name) or []
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, "-", color=color, alpha=0.8, label=f"{name} (validation)")
+            ax.plot(xs, ys, ".-", color=color, alpha=0.8, label=f"{name} (validation, {len(xs)} evaluations)")
         if name in final:
             x, y = final[name]
             ax.plot([x], [y], "o" if name == "mixture" else "s", color=color, markersize=8,
                     label=f"{name} (test) {y:.2f}")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
+    _plain_ticks(ax)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title or "Perplexity vs training cost (cf. paper Fig. 2)", fontsize=10)
     return _save(fig, path)
+
+
+def _plain_ticks(ax) -> None:
+    """Plain numbers on both axes (no 7x10^1 style labels), scientific notation only as an axis offset."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        fmt = ScalarFormatter(useMathText=True)
+        fmt.set_scientific(axis is ax.xaxis)
+        axis.set_major_formatter(fmt)
 
 
 def plot_per_expert(per_expert: list[dict], path: Path, title: str = "") -> Path:
@@ -61,13 +71,11 @@ def plot_per_expert(per_expert: list[dict], path: Path, title: str = "") -> Path
     plt = _pyplot()
     rows = [r for r in per_expert if r.get("num_seqs")]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(per_expert) + 2), 4))
-    top = max((r["share"] for r in rows), default=1.0) or 1.0
     for r in rows:
-        shade = 0.35 + 0.65 * r["share"] / top
         ax.bar(r["expert"], r["dense_ppl"], width=0.7, color=DENSE_COLOR, alpha=0.3,
-               label="dense" if r is rows[0] else None)
-        ax.bar(r["expert"], r["expert_ppl"], width=0.45, color=MIXTURE_COLOR, alpha=shade,
-               label="expert" if r is rows[0] else None)
+               label="dense on the segment" if r is rows[0] else None)
+        ax.bar(r["expert"], r["expert_ppl"], width=0.45, color=MIXTURE_COLOR, alpha=0.9,
+               label="the segment's expert" if r is rows[0] else None)
         ax.text(r["expert"], r["dense_ppl"], f"{100 * r['share']:.0f}%", ha="center", va="bottom", fontsize=8)
     ax.set_xticks([r["expert"] for r in per_expert])
     ax.set_xlabel("routed test segment (expert); label: share of test data")
