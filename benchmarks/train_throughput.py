@@ -176,6 +176,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     parser.add_argument("--matmul-n", type=int, default=None, help="square matmul size (default 2048 CPU, 8192 CUDA)")
     parser.add_argument("--data", help="prepared data directory instead of synthetic tokens")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the .json / .md results")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -222,9 +223,10 @@ def main() -> int:
     from smalltalk.io import atomic_write_json, atomic_write_text
 
     stem = "train_throughput_cuda" if cuda else "train_throughput"
-    atomic_write_json(RESULTS / f"{stem}.json", result)
-    atomic_write_text(RESULTS / f"{stem}.md", to_markdown(result))
-    print(f"wrote {RESULTS / stem}.json and .md")
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / f"{stem}.json", result)
+    atomic_write_text(args.results / f"{stem}.md", to_markdown(result))
+    print(f"wrote {args.results / stem}.json and .md")
     return 0
 
 

@@ -60,7 +60,39 @@ def test_readme_quickstart_runs(tmp_path, corpus_dir):
     assert ev["mixture"]["ppl"] < ev["dense"]["ppl"], f"mixture {ev['mixture']['ppl']} not below dense {ev['dense']['ppl']}"
     print(f"quickstart: mixture {ev['mixture']['ppl']:.2f} vs dense {ev['dense']['ppl']:.2f}, "
           f"{results['wall_s']:.0f} s of stages")
+    _quickstart_numbers_match_the_readme(results)
     _serve_the_quickstart(tmp_path, env)
+    _evaluate_own_text(tmp_path, env, corpus_dir)
+
+
+# A fresh quickstart reproduces the README's numbers to within this (thread counts and CPUs change float sums).
+README_TOLERANCE = 0.02
+
+
+def _quickstart_numbers_match_the_readme(results: dict) -> None:
+    row = re.search(r"^\| `tiny` quickstart[^|]*\| ([\d.]+) \| ([\d.]+) \|", README, re.M)
+    assert row, "README's results table has no `tiny` quickstart row"
+    quoted = {"mixture": float(row.group(1)), "dense": float(row.group(2))}
+    for side, value in quoted.items():
+        measured = results["eval"][side]["ppl"]
+        assert abs(measured - value) <= README_TOLERANCE * value, (
+            f"README quotes {side} ppl {value}, a fresh quickstart gives {measured:.2f}: regenerate the README numbers")
+
+
+def _evaluate_own_text(run_root: Path, env: dict, corpus_dir: Path) -> None:
+    """The README's "Evaluate on your own text" commands on a folder of .txt files."""
+    import gzip
+
+    docs = run_root / "my_docs"
+    docs.mkdir()
+    for domain in ("wiki_en", "code_python"):
+        with gzip.open(corpus_dir / "test" / f"{domain}.jsonl.gz", "rt", encoding="utf-8") as f:
+            (docs / f"{domain}.txt").write_text(json.loads(f.readline())["text"][:4000], encoding="utf-8")
+    for line in _block("own-text").splitlines():
+        cmd = line.split("#")[0].strip()
+        proc = subprocess.run(cmd, shell=True, cwd=run_root, env=env, capture_output=True, text=True, timeout=HANG_S)
+        assert proc.returncode == 0, f"`{cmd}` failed:\n{proc.stderr[-3000:]}"
+        assert "all text:" in proc.stdout and "wiki_en.txt:" in proc.stdout, proc.stdout
 
 
 def _serve_the_quickstart(run_root: Path, env: dict) -> None:
