@@ -84,7 +84,7 @@ class MetricsLogger:
             return
         if self._lines and (step % self._every == 0 or step == self._total):
             rate = (step - self._start_step) / max(time.perf_counter() - self._t0, 1e-9)
-            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items() if v)
+            shown = " ".join(f"{k} {_short(v)}" for k, v in postfix.items() if v)
             print(f"step {step}/{self._total} {shown} ({rate:.2f} steps/s)", file=sys.stderr, flush=True)
         self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                               refresh=False)
@@ -104,3 +104,9 @@ class MetricsLogger:
             self._tb.close()
         self._file.close()
         self.enabled = False
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
