@@ -1,7 +1,7 @@
 """Serving throughput and latency: the mixture vs the dense model behind `smalltalk serve`, batching on/off.
 
 For a finished run (its bundle and dense model) this starts real server processes on loopback ports and
-sends greedy completion requests (prompts: the first ~300 characters of test-split documents of six
+sends greedy completion requests (prompts: the first 150 characters of test-split documents of eight
 domains, `max_tokens` new tokens each, `ignore_eos` so every request costs the same) at concurrency 1,
 8 and 32, for (a) the mixture, (b) the dense model behind the same server, (c) the mixture with
 batching off. It reports completion tokens/s and p50/p95 request latency, the routers' share of
@@ -45,7 +45,7 @@ DOMAINS = ("wiki_en", "books_en", "code_python", "news_en", "novels_fr", "novels
 TARGETS = {"batching_speedup_at_8": 3.0, "mixture_vs_dense_tokens_per_s_min": 0.90}
 
 
-def test_prompts(corpus: Path, per_domain: int = 8, chars: int = 300) -> list[str]:
+def test_prompts(corpus: Path, per_domain: int = 8, chars: int = 150) -> list[str]:
     prompts = []
     for domain in DOMAINS:
         with gzip.open(corpus / "test" / f"{domain}.jsonl.gz", "rt", encoding="utf-8") as f:
@@ -121,7 +121,7 @@ def to_markdown(r: dict) -> str:
     lines = [f"# Serving: `smalltalk serve` on `{r['run']}`", "",
              f"Machine: {r['machine']}; server threads {r['threads']}; client on the same machine; load average "
              f"before/after {r['loadavg_before']} / {r['loadavg_after']}. Greedy, {r['max_tokens']} new tokens per "
-             f"request (ignore_eos), prompts: first 300 characters of {r['num_prompts']} test documents of "
+             f"request (ignore_eos), prompts: first {r['prompt_chars']} characters of {r['num_prompts']} test documents of "
              f"{len(DOMAINS)} domains.", "",
              "| server | concurrency | requests | tokens/s | p50 latency (s) | p95 latency (s) |", "|---|---|---|---|---|---|"]
     for name in ("mixture", "dense", "mixture_no_batching"):
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (the client needs the other core)")
     ap.add_argument("--corpus", type=Path, default=None)
+    ap.add_argument("--prompt-chars", type=int, default=150,
+                    help="characters of each test document used as a prompt (must fit the context with max-tokens)")
     args = ap.parse_args(argv)
     bundle, dense = args.run / "bundle", args.run / "dense" / "model"
     for p in (bundle, dense):
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {p}: not found; give a finished run (smalltalk run ...)", file=sys.stderr)
             return 2
     levels = [int(c) for c in args.concurrency.split(",")]
-    prompts = test_prompts(args.corpus or default_corpus_dir())
+    prompts = test_prompts(args.corpus or default_corpus_dir(), chars=args.prompt_chars)
     torch.set_num_threads(args.threads)
     load_before = [round(x, 2) for x in os.getloadavg()]
     try:
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense_server_over_transformers_at_8": tps["dense"][8] / report["transformers"][1]["tokens_per_s"],
     }
     report.update({"benchmark": "serving", "run": str(args.run), "max_tokens": args.max_tokens, "threads": args.threads,
-                   "num_prompts": len(prompts), "targets": TARGETS, "loadavg_before": load_before,
+                   "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "targets": TARGETS, "loadavg_before": load_before,
                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"})
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--prefix-len", type=int, help="M-hat: routing prefix tokens (default: the bundle's M)")
-    p.add_argument("--max-loaded-experts", type=int, help="local experts kept in memory (default 1)")
+    p.add_argument("--max-loaded-experts", type=int,
+                   help="local experts kept in memory, least recently used evicted (default: all)")
     p.add_argument("--device", help="cpu, cuda or auto (default auto)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SMALLTALK_API_KEY, else open)")
     p.add_argument("--expert-url", action="append", default=[], metavar="K=URL",

@@ -139,7 +139,7 @@ class Server:
                     p.tokens, p.token_logprobs, p.top_logprobs = [entry[0]], [entry[1]], [entry[2]]
                 yield p
             elif kind == "done":
-                yield Piece(text=event[2], finish_reason=event[1])
+                yield Piece(text=event[2], finish_reason=event[1], completion_tokens=event[3])
                 return
             elif kind == "error":
                 raise APIError(event[1], event[2], type="server_error")
@@ -166,7 +166,7 @@ class Server:
         logprobs, stop = req.check_logprobs(), req.stops()
         jobs = [self.make_job(i, p, req, expert, budget, stop, logprobs, req.echo) for i, p in enumerate(req.prompts())]
         for j in jobs:
-            j.ignore_eos = req.ignore_eos
+            j.ignore_eos, j.stream = req.ignore_eos, req.stream
         forward = {"max_tokens": budget, "temperature": req.temperature, "top_p": req.top_p, "stop": stop or None,
                    "seed": req.seed, "echo": req.echo, "logprobs": logprobs, "stream": req.stream}
         if req.ignore_eos:
@@ -181,6 +181,7 @@ class Server:
         budget = req.check(self.served.max_len)
         stop = req.stops() + list(CHAT_STOP)
         jobs = [self.make_job(0, prompt, req, expert, budget, stop)]
+        jobs[0].stream = req.stream
         forward = {"max_tokens": budget, "temperature": req.temperature, "top_p": req.top_p, "stop": stop,
                    "seed": req.seed, "stream": req.stream}
         return await self.answer(jobs, forward, req, t0, "chat")

@@ -55,8 +55,9 @@ class ServeConfig:
     port: int = 8000
     prefix_len: int | None = None
     """M-hat, routing prefix tokens (default: the bundle's M)."""
-    max_loaded_experts: int = 1
-    """Local experts kept in memory (least recently used is evicted)."""
+    max_loaded_experts: int | None = None
+    """Local experts kept in memory, least recently used evicted (None: all of them; loading an expert from disk
+    costs far more than a request, so lower this only for bundles that do not fit in memory)."""
     device: str = "auto"
     api_key: str | None = None
     """Bearer token required on every endpoint except /health (None: open)."""
@@ -83,6 +84,8 @@ class ServeConfig:
         self.path = Path(self.path)
         for key in ("port", "max_loaded_experts", "max_batch_size", "max_body_bytes"):
             value = getattr(self, key)
+            if key == "max_loaded_experts" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "port" else 1):
                 raise SmallTalkError(f"serve config: {key}={value!r} must be a positive integer")
         if self.long_prompt not in LONG_PROMPT_RULES:

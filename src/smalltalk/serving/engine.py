@@ -15,8 +15,9 @@ are routed and decoded one at a time, in arrival order. A job whose client went 
 the next decoding step.
 
 Events, in order: ("route", Route), then either ("remote",) or [("prompt", entries)] ("token",
-id, text, logprob entry | None)* ("done", finish reason, remaining text); or ("error", status,
-message) at any point.
+id, text, logprob entry | None)* ("done", finish reason, remaining text, tokens not sent as events);
+or ("error", status, message) at any point. Token events are sent only to streaming requests and to
+requests that asked for logprobs; the others get their whole text with "done".
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ..mixture.inference import Route
 from ..model.generate import BatchDecoder, Sampling
 from .config import ServeConfig
 from .models import ServedModels
+from ..model.generate import REPLACEMENT, decode
 from .text import TextStream, prompt_logprobs, token_text, top_entries
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     ignore_eos: bool = False
+    stream: bool = False
+    """The client reads tokens as they come (else it gets the text once, at the end)."""
     cancelled: bool = False
     route: object = None
     enqueued: float = field(default_factory=time.perf_counter)
@@ -73,6 +77,7 @@ class Engine:
         self.waiting: dict[int, deque[Job]] = {}
         self._thread = threading.Thread(target=self._run, name="smalltalk-engine", daemon=True)
         self._stopping = False
+        self._alone = 0  # consecutive collections that found a single job
 
     def start(self) -> None:
         self._thread.start()
@@ -118,18 +123,20 @@ class Engine:
         if first is None:
             return jobs
         jobs.append(first)
-        if not self.cfg.batching:
-            return jobs
-        deadline = time.perf_counter() + self.cfg.batch_window_ms / 1000
-        while True:
-            remaining = deadline - time.perf_counter()
-            try:
-                job = self.inbox.get(timeout=remaining) if remaining > 0 else self.inbox.get_nowait()
-            except queue.Empty:
-                return jobs
-            if job is None:
-                return jobs
-            jobs.append(job)
+        # Wait for company only when requests have been arriving together: a lone client (concurrency 1)
+        # would otherwise pay the window on every request.
+        if self.cfg.batching and not (self._alone >= 3 and self.inbox.empty()):
+            deadline = time.perf_counter() + self.cfg.batch_window_ms / 1000
+            while (remaining := deadline - time.perf_counter()) > 0 or not self.inbox.empty():
+                try:
+                    job = self.inbox.get(timeout=remaining) if remaining > 0 else self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    break
+                jobs.append(job)
+        self._alone = self._alone + 1 if len(jobs) == 1 else 0
+        return jobs
 
     def _admit(self, jobs: list[Job]) -> None:
         jobs = [j for j in jobs if not j.cancelled]
@@ -189,34 +196,50 @@ class Engine:
                 j.emit("prompt", [(token_text(tok, t), lp, top) for t, (lp, top) in zip(j.ids, entries)])
         for j in jobs:
             if j.max_tokens == 0:
-                j.emit("done", "length", "")
+                j.emit("done", "length", "", 0)
         jobs = [j for j in jobs if j.max_tokens > 0]
         if not jobs:
             return
         decoder = BatchDecoder(model, [j.ids or [served.eos_id] for j in jobs], [j.sampling for j in jobs])
-        streams = [TextStream(tok, j.stop) for j in jobs]
-        counts = [0] * len(jobs)
+        # Per-token work only where a client sees tokens (streams, logprobs) or a stop string must be watched;
+        # a plain request gets its text decoded once at the end.
+        streams = [TextStream(tok, j.stop) if (j.stream or j.stop or j.logprobs is not None) else None for j in jobs]
+        ids: list[list[int]] = [[] for _ in jobs]
+
+        def done(b: int, reason: str) -> None:
+            decoder.finish(b)
+            j, stream = jobs[b], streams[b]
+            if stream is None:
+                j.emit("done", reason, decode(tok, ids[b]).rstrip(REPLACEMENT), len(ids[b]))
+            elif j.stream or j.logprobs is not None:
+                j.emit("done", reason, stream.finish(), 0)
+            else:  # watched for stop strings only: the whole (cut) text at once
+                j.emit("done", reason, stream.text.rstrip(REPLACEMENT), len(ids[b]))
+            if self.metrics:
+                self.metrics.tokens.labels(kind="completion").inc(len(ids[b]))
+
         while decoder.active:
             for b, token, logits in decoder.step():
-                j = jobs[b]
-                if j.cancelled:
+                j, stream = jobs[b], streams[b]
+                if j.cancelled:  # the client went away: count what was generated, stop
                     decoder.finish(b)
+                    if self.metrics:
+                        self.metrics.tokens.labels(kind="completion").inc(len(ids[b]))
                     continue
                 if token == served.eos_id and not j.ignore_eos:
-                    decoder.finish(b)
-                    j.emit("done", "stop", streams[b].finish())
+                    done(b, "stop")
                     continue
-                counts[b] += 1
-                entry = None
-                if j.logprobs is not None:
-                    logp = torch.log_softmax(logits.float(), dim=-1)
-                    entry = (token_text(tok, token), float(logp[token]), top_entries(tok, logp, j.logprobs))
-                j.emit("token", token, streams[b].add(token), entry)
-                if self.metrics:
-                    self.metrics.tokens.labels(kind="completion").inc()
-                if streams[b].stopped:
-                    decoder.finish(b)
-                    j.emit("done", "stop", streams[b].finish())
-                elif counts[b] >= j.max_tokens:
-                    decoder.finish(b)
-                    j.emit("done", "length", streams[b].finish())
+                ids[b].append(token)
+                if stream is not None:
+                    text = stream.add(token)
+                    if j.stream or j.logprobs is not None:
+                        entry = None
+                        if j.logprobs is not None:
+                            logp = torch.log_softmax(logits.float(), dim=-1)
+                            entry = (token_text(tok, token), float(logp[token]), top_entries(tok, logp, j.logprobs))
+                        j.emit("token", token, text, entry)
+                    if stream.stopped:
+                        done(b, "stop")
+                        continue
+                if len(ids[b]) >= j.max_tokens:
+                    done(b, "length")

@@ -47,7 +47,10 @@ class ServedModels:
             path = path / "bundle"  # a run directory
         device = resolve_device(cfg.device)
         if is_bundle(path):
-            mixture = Mixture.load(path, device=device, max_loaded_experts=cfg.max_loaded_experts)
+            from ..mixture.bundle import read_bundle
+
+            info = read_bundle(path)
+            mixture = Mixture(info, device=device, max_loaded_experts=cfg.max_loaded_experts or info.num_experts)
             m = mixture.check_prefix_len(cfg.prefix_len)
             E = mixture.num_experts
             bad = sorted(k for k in cfg.experts if not 0 <= k < E)
