@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..routing import rule
 from ..routing.assign import random_balanced_assignment
 from ..train.evaluate import load_split
 from .baselines import (EM_LABEL, BaselineConfig, add_bootstrap, comparison_prefix_lens, comparison_table,
@@ -56,7 +57,7 @@ def analyze_random_shards(run_dir: str | Path, cfg: BaselineConfig | None = None
     mine = derived.scores(cfg, log=say)
     dense = base.dense_ppl()
     rows, em_nll = em_rows(parent, base, lens, cfg)
-    routes = {m: mine.self_scores(m).argmax(axis=1) for m in lens}
+    routes = {m: rule.route(mine.self_scores(m)) for m in lens}
     rows += [row(LABEL, m, mine.ppl(routes[m]), dense) for m in lens]
     add_bootstrap(rows, LABEL, em_nll, {m: mine.routed_nll(r) for m, r in routes.items()})
     no_routing = mine.ppl(seeded_random_routes(mine.num_seqs, E, seed))

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..routing import rule
 from ..errors import SmallTalkError
 from ..io import read_json
 from .output import improvement_pct, markdown_table, pct, pyplot, save_figure, write_analysis
@@ -90,7 +91,7 @@ def analyze_router_size(run_dir: str | Path, compare: Sequence[tuple[str | None,
         M = v.prefix_len
         routes = routes_from_logp(router_logp(v.routers_dir, v.data_dir, scores.indices, M, split=cfg.split,
                                               device=cfg.device), M)
-        self_routes = scores.self_scores(M).argmax(axis=1)
+        self_routes = rule.route(scores.self_scores(M))
         dense = scores.dense_ppl()
         for kind, r in (("routers", routes), ("experts route themselves", self_routes)):
             ppl = scores.ppl(r)

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import SmallTalkError
+from ..routing import rule
 from ..io import atomic_write_bytes
 from ..model.io import WEIGHTS_FILE, sha256_file
 from .output import improvement_pct
@@ -94,22 +95,13 @@ def _ppl(nll_sum: float, num_tokens: int) -> float:
 
 
 def check_lm_prefix_len(prefix_len, limit: int, limit_name: str) -> int:
-    """M-hat for routing by LM likelihood: an integer in [2, limit] (2: one token predicts the next)."""
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, np.integer)):
-        raise SmallTalkError(f"prefix length M-hat={prefix_len!r} must be an integer")
-    if prefix_len < 2:
-        raise SmallTalkError(f"prefix length M-hat={prefix_len} must be >= 2: routing scores tokens 2..M-hat of "
-                             "the prompt, so at least two tokens are needed")
-    if prefix_len > limit:
-        raise SmallTalkError(f"prefix length M-hat={prefix_len} is longer than {limit_name} ({limit} tokens); "
-                             f"use M-hat <= {limit}")
-    return int(prefix_len)
+    """M-hat of packed test sequences routed by LM likelihood (`rule.check_prefix_len`)."""
+    return rule.check_prefix_len(prefix_len, {limit_name: limit}, where="prefix length M-hat")
 
 
 def routes_from_logp(logp: np.ndarray, prefix_len: int) -> np.ndarray:
-    """(N,) argmax over E of the summed log-probs of tokens 2..prefix_len; logp (N, E, P - 1)."""
-    check_lm_prefix_len(prefix_len, logp.shape[2] + 1, "the scored prefix")
-    return logp[:, :, :prefix_len - 1].sum(axis=2, dtype=np.float64).argmax(axis=1)
+    """(N,) best expert of each sequence routed on its first `prefix_len` tokens; logp (N, E, P - 1)."""
+    return rule.route(rule.window_scores(logp, prefix_len))
 
 
 # ----------------------------------------------------------------------------- computing

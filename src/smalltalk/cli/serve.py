@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def build_config(args) -> "ServeConfig":
+def build_config(args):
+    """The ServeConfig of the command line (a serving YAML, then flags over it)."""
     from ..serving.config import ServeConfig, load_serve_yaml, parse_expert_url
 
     values = load_serve_yaml(args.config) if args.config else {}

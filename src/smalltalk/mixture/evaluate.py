@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import SmallTalkError
 from ..model.io import load_model_dir
 from ..train.evaluate import evenly_spaced, load_split
+from ..routing import rule
 from .inference import Mixture, router_token_logprobs, token_logprobs
 
 
@@ -132,9 +133,9 @@ def _check_finite(values: np.ndarray, what: str) -> None:
 
 
 def route_from_logp(router_logp: np.ndarray, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(routes (N,), scores (N, E)) using the first `prefix_len` tokens (prefix_len - 1 predictions)."""
-    scores = router_logp[:, :, :prefix_len - 1].sum(axis=2, dtype=np.float64)  # (N, E)
-    return scores.argmax(axis=1), scores
+    """(routes (N,), scores (N, E)) of packed sequences routed on their first `prefix_len` tokens (Eq. 7-8)."""
+    scores = rule.window_scores(router_logp, prefix_len)  # (N, E)
+    return rule.route(scores), scores
 
 
 def soft_topk_nll(tables: ScoreTables, scores: np.ndarray, k: int) -> float:

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..data.shards import TokenDataset
 from ..errors import SmallTalkError
+from ..routing import rule
 from ..io import atomic_open, atomic_write_json, read_json
 from ..train.evaluate import SplitData, load_split
 from .config import RunConfig
@@ -151,7 +152,7 @@ def valid_routes(layout: RunLayout, cfg: RunConfig) -> tuple[np.ndarray, np.ndar
     valid = load_split(layout.data, "valid").dataset
     indices = evenly_spaced(len(valid), cfg.valid_seqs)
     scores = score_dataset(StackedRouters(models, device=device), valid, indices, cfg.prefix_len)
-    table = np.stack([indices, scores.argmax(axis=1)]).astype(np.int64)
+    table = np.stack([indices, rule.route(scores)]).astype(np.int64)  # Eq. 7, as at inference
     with atomic_open(path, "wb") as f:
         np.save(f, table)
     return table[0], table[1]

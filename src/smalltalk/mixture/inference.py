@@ -47,6 +47,7 @@ from ..data.tokenizer import load_tokenizer
 from ..errors import SmallTalkError
 from ..model.io import WEIGHTS_FILE, load_model_dir, sha256_file
 from ..model.transformer import Transformer
+from ..routing import rule
 from ..routing.score import StackedRouters
 from .bundle import BundleInfo, read_bundle
 
@@ -68,10 +69,8 @@ class Route:
 
     @property
     def posterior(self) -> np.ndarray:
-        """(E,) p(e | prefix) with a uniform prior (Eq. 5): softmax of the scores."""
-        z = self.scores - self.scores.max()
-        p = np.exp(z)
-        return p / p.sum()
+        """(E,) p(e | prefix) with a uniform prior (Eq. 4-6): softmax of the scores."""
+        return rule.posterior(self.scores)
 
     def to_dict(self) -> dict:
         return {"expert": self.expert, "fallback": self.fallback, "num_tokens": self.num_tokens,
@@ -131,9 +130,7 @@ def router_token_logprobs(routers: StackedRouters, tokens: np.ndarray, *, batch_
 
 def router_scores(routers: StackedRouters, tokens: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
     """Log-likelihood of each right-padded row's first lengths[n] tokens under each router: (N, E) float64."""
-    logp = router_token_logprobs(routers, tokens)  # (N, E, T-1)
-    keep = np.arange(logp.shape[2])[None, None, :] < (np.asarray(lengths)[:, None, None] - 1)
-    return np.where(keep, logp, 0.0).sum(axis=2, dtype=np.float64)
+    return rule.masked_scores(router_token_logprobs(routers, tokens), lengths)  # Eq. 8
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -242,13 +239,10 @@ class Mixture:
         return self.tokenizer.encode(text)
 
     def check_prefix_len(self, prefix_len: int | None) -> int:
-        """M-hat: `prefix_len` or the bundle's M, validated against the routers' context."""
+        """M-hat: `prefix_len` or the bundle's M; with the EOS boundary the window must fit the routers' context."""
         m = self.info.prefix_len if prefix_len is None else prefix_len
-        limit = self.routers.config.max_seq_len
-        if not isinstance(m, int) or m < 1 or m > limit - 1:
-            raise SmallTalkError(f"prefix_len={m!r} must be an integer in [1, {limit - 1}] (the routers' context "
-                                 f"is {limit} tokens, one of them the EOS boundary)")
-        return m
+        return rule.check_prefix_len(m, {"the routers' context (with its EOS)": self.routers.config.max_seq_len},
+                                     offset=1)
 
     def route_ids(self, prompts: Sequence[Sequence[int]], prefix_len: int | None = None) -> list[Route]:
         """Route prompts given as token ids (see the module docstring for the rule)."""
@@ -261,22 +255,21 @@ class Mixture:
             if bad:
                 raise SmallTalkError(f"prompt {i}: token id {bad[0]} outside the vocabulary (size "
                                      f"{self.info.vocab_size}); encode prompts with the bundle's tokenizer")
-            total = len(ids)
-            if ids and ids[0] == self.eos_id:
-                ids = ids[1:]  # the prompt brings its own document boundary: do not double it
-            if not ids:
-                routes[i] = Route(self.info.fallback_expert, np.zeros(self.num_experts), 0, total, fallback=True)
+            window = rule.prompt_window(ids, self.eos_id, m)
+            if not window:  # no routing evidence: the fallback expert
+                routes[i] = Route(self.info.fallback_expert, np.zeros(self.num_experts), 0, len(ids), fallback=True)
                 continue
-            windows.append([self.eos_id] + ids[:m])
-            rows.append((i, total))
+            windows.append(window)
+            rows.append((i, len(ids)))
         if windows:
             width = max(len(w) for w in windows)
             padded = np.zeros((len(windows), width), dtype=np.int64)  # (N, 1 + min(len, M-hat)), right padded
             for n, w in enumerate(windows):
                 padded[n, :len(w)] = w
-            scores = router_scores(self.routers, padded, [len(w) for w in windows])
+            scores = router_scores(self.routers, padded, [len(w) for w in windows])  # (N, E), Eq. 8
+            best = rule.route(scores)  # Eq. 7
             for n, (i, total) in enumerate(rows):
-                routes[i] = Route(int(np.argmax(scores[n])), scores[n], len(windows[n]) - 1, total)
+                routes[i] = Route(int(best[n]), scores[n], len(windows[n]) - 1, total)
         return routes  # type: ignore[return-value]
 
     def route(self, prompt: str | Sequence[int], prefix_len: int | None = None) -> Route:

@@ -28,6 +28,7 @@ import numpy as np
 from ..data.prepare import document_pieces
 from ..data.readers import iter_documents
 from ..errors import SmallTalkError
+from ..routing import rule
 from .bundle import is_bundle
 from .inference import Mixture, resolve_device, router_scores, token_logprobs
 
@@ -119,7 +120,7 @@ def evaluate_text(model: str | Path, sources: Sequence[str], *, dense: str | Pat
         tokens = np.array([ids for _, ids in batch], dtype=np.int64)  # (B, S), one length per batch
         if mixture is not None:
             window = tokens[:, :prefix_len]
-            routes = router_scores(mixture.routers, window, [window.shape[1]] * len(batch)).argmax(axis=1)
+            routes = rule.route(router_scores(mixture.routers, window, [window.shape[1]] * len(batch)))
         else:
             routes = np.zeros(len(batch), dtype=np.int64)
         nll = np.zeros(len(batch))

@@ -58,6 +58,7 @@ from .analysis import contingency, nll_by_segment, normalized_mutual_info, plot_
 from .assign import assignment_objective, balanced_assignment, random_balanced_assignment, segment_sizes
 from .config import RouterEMConfig
 from .distributed import Workers, init_workers, install_termination_message
+from . import rule
 from .score import StackedRouters, check_prefix_len, mean_prefix_nll, score_dataset
 
 # Config fields that may change when resuming without changing what was already computed.
@@ -376,7 +377,7 @@ def _iteration_record(it: int, step: int, E: int, M: int, scores: np.ndarray, as
         "segment_sizes": segment_sizes(assignment, E).tolist(),
         "train_loss": [float(x) for x in train_loss],
         # How much balancing overrides each sequence's best router, and the mean score it achieves.
-        "argmax_agreement": float(np.mean(assignment == scores.argmax(axis=1))),
+        "argmax_agreement": float(np.mean(assignment == rule.route(scores))),
         "mean_assigned_nll": float(-assignment_objective(scores, assignment) / len(assignment) / (M - 1)),
     }
     if probe_assign is not None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..errors import SmallTalkError
 from ..model.config import ModelConfig
 from ..model.transformer import Transformer, apply_rotary
+from . import rule
 
 # Bytes allowed for one chunk of head logits (E, rows, V) in fp32: large enough for efficient bmm,
 # small enough to stay near the CPU's last-level cache.
@@ -34,15 +35,9 @@ MIN_HEAD_ROWS = 16
 
 
 def check_prefix_len(prefix_len: int, seq_len: int, max_seq_len: int | None = None, where: str = "prefix_len") -> None:
-    """M must predict at least one token and fit both the data's sequences and the routers' context."""
-    if not isinstance(prefix_len, int) or prefix_len < 2:
-        raise SmallTalkError(f"{where}={prefix_len!r} must be an integer >= 2 (the prefix predicts tokens 2..M)")
-    if prefix_len > seq_len:
-        raise SmallTalkError(f"{where}={prefix_len} is longer than the data's sequences (seq_len={seq_len}); "
-                             f"use a prefix of at most {seq_len} tokens")
-    if max_seq_len is not None and prefix_len > max_seq_len:
-        raise SmallTalkError(f"{where}={prefix_len} is longer than the routers' context ({max_seq_len}); "
-                             "use a shorter prefix or routers with a longer max_seq_len")
+    """M of packed data must fit both the data's sequences and the routers' context (`rule.check_prefix_len`)."""
+    rule.check_prefix_len(prefix_len, {"the data's sequences": seq_len, "the routers' context": max_seq_len},
+                          where=where)
 
 
 class StackedRouters:
