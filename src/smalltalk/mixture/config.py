@@ -250,6 +250,22 @@ def _cpu_long(num_experts: int) -> dict:
     return cfg
 
 
+def _cpu_medium(num_experts: int) -> dict:
+    # Experts of the dense `cpu-small` model (5.3M parameters; phrase-level fluent after 12M tokens) on the whole
+    # sample corpus (59.5M tokens, 8192-token vocabulary): 1,800 steps x 16 x 256 per expert, so the experts
+    # together and the dense model (same steps, E x the batch) each see ~29M tokens, half an epoch, nothing
+    # repeated. `cpu-router-s` routers on a 32-token prefix: +3% inference FLOPs at E = 4. About 4-5 hours on
+    # 2 CPU cores, resumable stage by stage (`python benchmarks/mixture_results.py --preset cpu-medium`).
+    return {"name": f"cpu-medium-e{num_experts}", "num_experts": num_experts, "prefix_len": 32, "valid_seqs": 2048,
+            "data": {"preset": "cpu"},
+            "routers": {"preset": "cpu", "router_preset": "cpu-router-s", "iterations": 6, "steps_per_iteration": 150,
+                        "batch_size": 32, "lr": 0.003, "warmup_steps": 30},
+            "expert_model": {"preset": "cpu-small"},
+            "expert_train": {"preset": "cpu-small", "max_steps": 1800, "batch_size": 16, "warmup_steps": 100,
+                             "eval_every": 200, "eval_batches": 8, "checkpoint_every": 100},
+            "eval": {"max_seqs": 4096, "prefix_lens": [8, 16], "top_k": 2}}
+
+
 def _paper_335m(num_experts: int) -> dict:
     # Paper §3.1 / Tables 1-2: 335M experts, batch 128, 256k steps, 4.4M routers, M = 256.
     return {"name": f"paper-335m-e{num_experts}", "num_experts": num_experts, "prefix_len": 256,
@@ -265,6 +281,8 @@ RUN_PRESETS: dict[str, Any] = {
     "cpu-e4": lambda: _cpu(4),
     "cpu-e8": lambda: _cpu(8),
     "cpu-small": lambda: _cpu_small(4),
+    "cpu-medium": lambda: _cpu_medium(4),
+    "cpu-medium-e8": lambda: _cpu_medium(8),
     "cpu-long": lambda: _cpu_long(4),
     "cpu-long-e2": lambda: _cpu_long(2),
     "cpu-long-e8": lambda: _cpu_long(8),
