@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "improvement_pct": r["improvement_pct"], "num_seqs": r["test_seqs"],
                                              "all_experts_beat_dense_on_their_segment":
                                                  r["all_experts_beat_dense_on_their_segment"]},
-                                    "config": r["config"], "timings_s": r["timings_s"]}, str(args.from_json)))
+                                    "config": r["config"], "timings_s": r["timings_s"]}, args.from_json.name))
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
         cfg = run_preset(args.preset, name=args.name.format(preset=args.preset, seed=seed), seed=seed)
         run = args.runs_dir / cfg.name
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(cfg, run)
         layout = RunLayout(run)
         if layout.results.is_file():
-            rows.append(row_of(read_json(layout.results), str(run)))
+            rows.append(row_of(read_json(layout.results), f"run {run.name}"))
     rows.sort(key=lambda r: r["seed"])
     improvement = mean_std([r["improvement_pct"] for r in rows])
     mixture = mean_std([r["mixture_ppl"] for r in rows])

@@ -8,11 +8,12 @@ batching off. It reports completion tokens/s and p50/p95 request latency, the ro
 request time (from the server's own metrics), and `transformers` `generate()` on the exported dense
 model in the same run (one prompt at a time, and batches of 8).
 
-    python benchmarks/serving.py --run runs/bench-cpu-e4 [--max-tokens 32] [--threads 1]
+    python benchmarks/serving.py --run runs/bench-cpu-e4 --tag cpu [--max-tokens 32] [--threads 1]
+    python benchmarks/serving.py --run runs/quickstart --tag tiny
 
 Targets: at concurrency 8, batching gives >= 3x the tokens/s of concurrency 1; the mixture's tokens/s is
 within 10% of dense at equal concurrency. The client runs on the same machine as the server (2 cores):
-what it costs is in every number. Writes benchmarks/results/serving.{json,md}.
+what it costs is in every number. Writes benchmarks/results/serving[_TAG].{json,md}.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (the client needs the other core)")
     ap.add_argument("--corpus", type=Path, default=None)
+    ap.add_argument("--tag", default=None, help="results go to serving_TAG.{json,md} (default: serving.{json,md})")
     ap.add_argument("--prompt-chars", type=int, default=150,
                     help="characters of each test document used as a prompt (must fit the context with max-tokens)")
     args = ap.parse_args(argv)
@@ -193,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "serving.json", report)
-    atomic_write_text(RESULTS / "serving.md", to_markdown(report))
+    stem = f"serving_{args.tag}" if args.tag else "serving"
+    atomic_write_json(RESULTS / f"{stem}.json", report)
+    atomic_write_text(RESULTS / f"{stem}.md", to_markdown(report))
     s = report["summary"]
     print(f"batching x{s['batching_speedup_at_8']:.2f} at concurrency 8; mixture/dense tokens/s "
           f"{', '.join(f'{x:.2f}' for x in s['mixture_over_dense'])}; routing {report['mixture']['routing_share_pct']}% "
