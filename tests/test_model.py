@@ -167,3 +167,11 @@ def test_left_padding_with_attention_mask_matches_unpadded_rows(corpus_dir):
     assert (padded[0] - alone_long[0]).abs().max().item() < 1e-5
     assert (padded[1, 15:] - alone_short[0]).abs().max().item() < 1e-5
     assert (stepped[1, -1] - ref_short[0, -1]).abs().max().item() < 1e-5
+
+
+def test_small_models_are_described_with_exact_parameter_counts():
+    from smalltalk.model.config import preset
+
+    micro = preset("micro")
+    assert f"{micro.num_params():,} params ({micro.num_params(include_embeddings=False):,} non-embedding" in micro.describe()
+    assert "0.00M" not in micro.describe() and "M params" in preset("cpu-small").describe()

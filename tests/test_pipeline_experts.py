@@ -15,7 +15,7 @@ from smalltalk.mixture.experts import expert_done, train_expert
 from smalltalk.mixture.layout import RunLayout
 from smalltalk.mixture.pipeline import run_expert_processes, run_pipeline
 from smalltalk.model.io import load_model_dir
-from test_pipeline import copy_run, fast_config, sharded_run  # noqa: F401  (module fixture reused)
+from test_pipeline import copy_run, fast_config, sharded_run, small_data  # noqa: F401  (module fixture reused)
 
 
 def _weights(run, k):
@@ -28,7 +28,7 @@ def _same(a, b) -> bool:
     return all(torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
 
 
-def test_sequential_parallel_and_separate_machines_agree(sharded_run, tmp_path, capsys):
+def test_sequential_parallel_and_separate_machines_agree(sharded_run, tiny_data, tmp_path, capsys):
     # 1. Sequentially, in this process.
     seq = copy_run(sharded_run, tmp_path / "sequential")
     for k in (0, 1):
@@ -75,3 +75,10 @@ def test_sequential_parallel_and_separate_machines_agree(sharded_run, tmp_path, 
     evaluated = read_json(tmp_path / "eval.json")
     assert evaluated["num_seqs"] == 8 and [s["prefix_len"] for s in evaluated["prefix_sweep"]] == [4, 16]
     assert "mixture ppl" in capsys.readouterr().out
+    # --data next to --run is honoured (not silently replaced by the run's own data), and the subset is named.
+    other = small_data(tiny_data, tmp_path / "other", sizes=(("train", 60), ("valid", 30), ("test", 40)))
+    assert main(["eval-mixture", "--run", str(sep), "--data", str(other), "--out", str(tmp_path / "other.json")]) == 0
+    assert read_json(tmp_path / "other.json")["split_num_seqs"] == 40
+    assert f"sequences of {other}" in capsys.readouterr().out
+    report = RunLayout(sep).report.read_text()
+    assert "32 test sequences (an evenly spaced subset of the 120 of the test split" in report

@@ -401,3 +401,12 @@ def test_a_vocabulary_the_text_cannot_fill_is_reported(small_corpus, tmp_path):
     assert manifest["vocab_size"] < 30000
     assert any(f"asked for a 30000-token vocabulary, but the training text only supports {manifest['vocab_size']}"
                in line for line in lines)
+
+
+def test_a_byte_cap_per_file_is_reported(small_corpus, tmp_path):
+    lines = []
+    prepare(_cfg(small_corpus, tmp_path / "capped", max_bytes_per_file=2000), log=lines.append)
+    assert any("read only the first 2,000 bytes of text of" in line for line in lines)
+    lines.clear()
+    prepare(_cfg(small_corpus, tmp_path / "whole"), log=lines.append)
+    assert not any("read only the first" in line for line in lines)

@@ -222,3 +222,15 @@ def test_in_memory_state_dict_round_trip_continues_identically(splits, model_cfg
     assert b.step == 2 and b.sampler.consumed == 8
     for _ in range(2):
         assert a.train_step()["loss"] == b.train_step()["loss"]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Inside `smalltalk run` logs (stderr not a TTY) training still reports step / loss / rate every tenth."""
+    from smalltalk.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, total_steps=20, tensorboard=False)
+    for step in range(1, 21):
+        logger.progress(step, loss=3.25, tok_s=12345.0)
+    logger.close()
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("step ")]
+    assert len(lines) == 10 and lines[-1].startswith("step 20/20 loss 3.25 tok_s 12,345 (")
