@@ -28,15 +28,7 @@ from smalltalk.model.io import load_model_dir, save_model_dir
 from smalltalk.model.transformer import Transformer
 from smalltalk.train.evaluate import load_split
 from smalltalk.train.trainer import model_config_for_data
-from test_pipeline import copy_run, fast_config, small_data
-
-
-@pytest.fixture(scope="module")
-def sharded_run(tiny_data, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("reliability") / "run"
-    small_data(tiny_data, RunLayout(run).data)
-    run_pipeline(fast_config(), run, until="shard", log=lambda m: None)
-    return run
+from test_pipeline import copy_run, fast_config, sharded_run  # noqa: F401  (module fixture reused)
 
 
 # -- 1. one writer per directory ---------------------------------------------------------------------------

@@ -12,3 +12,17 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
                    help="evaluate an evenly spaced subset of this many sequences (default: 0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def score_text(args: argparse.Namespace, model, dense=None, out=None) -> int:
+    """`--text` of `evaluate` and `eval-mixture`: score the files, print the breakdown, save it to `out`."""
+    from ..io import atomic_write_json
+    from ..mixture.text_eval import describe, evaluate_text
+
+    result = evaluate_text(model, args.text, dense=dense, batch_size=args.batch_size, max_seqs=args.max_seqs,
+                           device=args.device)
+    for line in describe(result):
+        print(line)
+    if out:
+        atomic_write_json(out, result)
+    return 0

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SmallTalkError
-from ._eval_args import add_scoring_flags
+from ._eval_args import add_scoring_flags, score_text
 
 
 def add_parser(subparsers) -> None:
@@ -104,9 +104,6 @@ def check_output_file(path: Path) -> None:
 
 
 def run_on_text(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_json
-    from ..mixture.text_eval import describe, evaluate_text
-
     if args.data is not None:
         raise SmallTalkError("--text and --data both name what to score; give one of them")
     bundle = args.bundle or (args.run / "bundle" if args.run else None)
@@ -115,10 +112,4 @@ def run_on_text(args: argparse.Namespace) -> int:
     dense = args.dense or (args.run / "dense" / "model" if args.run and (args.run / "dense" / "model").is_dir() else None)
     if args.out is not None:
         check_output_file(args.out)
-    result = evaluate_text(bundle, args.text, dense=dense, batch_size=args.batch_size, max_seqs=args.max_seqs,
-                           device=args.device)
-    for line in describe(result):
-        print(line)
-    if args.out:
-        atomic_write_json(args.out, result)
-    return 0
+    return score_text(args, bundle, dense, args.out)

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._eval_args import add_scoring_flags
+from ._eval_args import add_scoring_flags, score_text
 
 
 def add_parser(subparsers) -> None:
@@ -33,15 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.data is None) == (args.text is None):
         raise SmallTalkError("give --data DATA_DIR (a prepared split) or --text SOURCE... (your own text), not both")
     if args.text:
-        from ..mixture.text_eval import describe, evaluate_text
-
-        result = evaluate_text(args.model_dir, args.text, batch_size=args.batch_size, max_seqs=args.max_seqs,
-                               device=args.device)
-        for line in describe(result):
-            print(line)
-        if args.json:
-            atomic_write_json(args.json, result)
-        return 0
+        return score_text(args, args.model_dir, out=args.json)
 
     result = evaluate_model_dir(args.model_dir, args.data, args.split, max_seqs=args.max_seqs,
                                 batch_size=args.batch_size, device=args.device)
