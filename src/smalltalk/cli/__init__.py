@@ -29,6 +29,7 @@ COMMANDS = [
     "eval_mixture",
     "eval_downstream",
     "serve",
+    "shrink",
     "run",
     "analyze",
 ]
