@@ -30,6 +30,7 @@ COMMANDS = [
     "eval_downstream",
     "serve",
     "shrink",
+    "grow",
     "run",
     "analyze",
 ]

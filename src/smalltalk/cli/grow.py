@@ -1,0 +1,47 @@
+"""``smalltalk grow BUNDLE --data NEW_DATA --out NEW_BUNDLE``: add an expert for new data to a mixture.
+
+    smalltalk grow runs/x --data my_new_domain/ --out runs/x/bundle-grown
+    smalltalk grow runs/x/bundle --data new/ --out grown --branch-from 2 --expert-steps 300
+
+Trains one new router (on the new data's prefixes) and one new expert (from scratch, or branched from an
+existing expert), then writes a bundle of E + 1 experts; the original bundle and its models are not
+modified. See `smalltalk.mixture.grow` for what the new data must look like and how routing treats it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("grow", help="add an expert for new data to a mixture bundle",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", type=Path, help="mixture bundle, or a run directory holding bundle/")
+    p.add_argument("--data", nargs="+", required=True, metavar="SOURCE",
+                   help="new text (files, folders, globs, hf:NAME) or a directory prepared with the bundle's tokenizer")
+    p.add_argument("--out", type=Path, required=True, help="the new bundle directory (must not exist)")
+    p.add_argument("--branch-from", type=int, help="start the new expert from this expert (default: from scratch)")
+    p.add_argument("--router-steps", type=int, default=0, help="new router's steps (default: as the old routers)")
+    p.add_argument("--expert-steps", type=int, default=0, help="new expert's steps (default: as the old experts)")
+    p.add_argument("--expert-batch-size", type=int, default=0, help="new expert's batch (default: as the old ones)")
+    p.add_argument("--max-bytes-per-file", type=int, help="read only this much of each new file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..mixture.bundle import is_bundle
+    from ..mixture.grow import GrowConfig, grow_bundle
+
+    bundle = args.bundle if is_bundle(args.bundle) else args.bundle / "bundle"
+    cfg = GrowConfig(router_steps=args.router_steps, expert_steps=args.expert_steps,
+                     expert_batch_size=args.expert_batch_size, branch_from=args.branch_from, seed=args.seed,
+                     max_bytes_per_file=args.max_bytes_per_file, device=args.device)
+    result = grow_bundle(bundle, args.data, args.out, cfg)
+    flops = result["training_flops"]
+    print(f"wrote {result['bundle']}: {result['num_experts']} experts (expert {result['added_expert']} is new, "
+          f"{result['new_train_seqs']} training sequences); growing cost {flops['grow']:.3e} training FLOPs, "
+          f"{100 * flops['grow_over_retrain']:.1f}% of retraining {result['num_experts']} experts from scratch")
+    return 0

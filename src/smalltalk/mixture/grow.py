@@ -1,0 +1,178 @@
+"""Add an expert for new data to a trained mixture without retraining the others: `smalltalk grow`.
+
+    grow_bundle("runs/x/bundle", ["new_domain/"], "runs/x/bundle-grown")
+
+1. The new data is tokenized with the bundle's own tokenizer and context (`prepare`): files or folders as
+   `prepare` reads them (a folder with train/ and valid/ or test/ keeps its splits, anything else is split
+   by document hash), or a directory already prepared with the bundle's tokenizer. At least
+   `GrowConfig.min_train_seqs` training sequences are needed (one batch of each trainer, and enough for a
+   router to learn what the new text looks like).
+2. One new router, of the same architecture as the others, is trained on the new data's prefixes with the
+   Eq. 9 loss (the M-step of EM, on the new data only: there is nothing to re-assign).
+3. One new expert is trained on the new data: from scratch (the default) or branched from an existing
+   expert (`branch_from`, BTM-style), with the bundle's expert settings unless overridden.
+4. A bundle of E + 1 experts is written to a new directory; the E old routers and experts are linked or
+   copied byte for byte, so their files keep their hashes, and the original bundle is never modified.
+
+Routing stays an argmax over independent routers (Eq. 7): a new-data sequence that an old router explains
+better than the new one still goes to that old expert, and old traffic moves only where the new router
+explains it better than its old router does. `lineage.json` records the source bundle, the data and the
+training FLOPs of growing next to those of retraining a mixture of E + 1 from scratch.
+
+Work (prepared data, checkpoints) goes to ``<out>.grow-work`` beside `out` and resumes after an interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..config_dict import DictConfig, check_field_types
+from ..errors import SmallTalkError
+from ..io import atomic_write_json, read_json
+from ..model.flops import training_flops_per_step
+from ..model.io import WEIGHTS_FILE, load_weights, read_model_config, sha256_file
+from .bundle import build_bundle, read_bundle
+
+
+@dataclass
+class GrowConfig(DictConfig):
+    config_kind = "grow config"
+
+    router_steps: int = 0
+    """Steps of the new router (0: as many as each old router got in EM, from the bundle's run config)."""
+    expert_steps: int = 0
+    """Steps of the new expert (0: the old experts' steps, from the bundle's run config)."""
+    expert_batch_size: int = 0
+    """Sequences per step of the new expert (0: the old experts')."""
+    branch_from: int | None = None
+    """Start the new expert from this expert's weights instead of a fresh initialisation."""
+    seed: int = 0
+    min_train_seqs: int = 64
+    """Refuse new data with fewer training sequences than this."""
+    max_bytes_per_file: int | None = None
+    """Read only this much text of each new file (as `prepare`)."""
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_field_types(self, self.config_kind)
+        for key in ("router_steps", "expert_steps", "expert_batch_size", "seed"):
+            if getattr(self, key) < 0:
+                raise SmallTalkError(f"grow config: {key}={getattr(self, key)} must be >= 0")
+        if self.min_train_seqs < 1:
+            raise SmallTalkError(f"grow config: min_train_seqs={self.min_train_seqs} must be >= 1")
+
+
+def _verify(info) -> None:
+    for kind, entries in (("router", info.routers), ("expert", info.experts)):
+        for x in entries:
+            weights = x.dir / WEIGHTS_FILE
+            if not weights.is_file():
+                raise SmallTalkError(f"bundle {info.root}: {kind} {x.index} is missing ({weights}); repair it first")
+            if x.weights_sha256 and sha256_file(weights) != x.weights_sha256:
+                raise SmallTalkError(f"bundle {info.root}: {kind} {x.index} is corrupt ({weights} does not match "
+                                     "bundle.json); repair the bundle before growing it")
+
+
+def _new_data(info, sources: Sequence[str], work: Path, cfg: GrowConfig):
+    from ..data.prepare import PrepareConfig, prepare
+    from ..train.evaluate import load_split
+
+    given = Path(sources[0]) if len(sources) == 1 else None
+    if given is not None and (given / "manifest.json").is_file():  # already prepared
+        data_dir = given
+    else:
+        data_dir = work / "data"
+        try:
+            prepare(PrepareConfig(corpus=tuple(str(s) for s in sources), out_dir=str(data_dir),
+                                  tokenizer_file=str(info.tokenizer_file), seq_len=info.seq_len, progress=False,
+                                  max_bytes_per_file=cfg.max_bytes_per_file, name="grow"), log=lambda m: None)
+        except SmallTalkError as e:
+            if "fewer than one sequence" not in str(e):
+                raise
+            raise SmallTalkError(_too_little(sources, 0, info.seq_len, cfg.min_train_seqs)) from None
+    train = load_split(data_dir, "train")
+    if train.tokenizer_sha256 and info.tokenizer_sha256 and train.tokenizer_sha256 != info.tokenizer_sha256:
+        raise SmallTalkError(f"{data_dir}: prepared with tokenizer {train.tokenizer_sha256[:12]}, the bundle uses "
+                             f"{info.tokenizer_sha256[:12]}; give the raw files (they are tokenized with the bundle's "
+                             "tokenizer) or data prepared with `smalltalk prepare --tokenizer BUNDLE/tokenizer.json`")
+    if train.dataset.seq_len != info.seq_len:
+        raise SmallTalkError(f"{data_dir}: sequences of {train.dataset.seq_len} tokens, the bundle's models use "
+                             f"{info.seq_len}; prepare it with --seq-len {info.seq_len}")
+    if len(train.dataset) < cfg.min_train_seqs:
+        raise SmallTalkError(_too_little(sources, len(train.dataset), info.seq_len, cfg.min_train_seqs))
+    return data_dir, train
+
+
+def _too_little(sources: Sequence[str], have: int, seq_len: int, need: int) -> str:
+    return (f"{', '.join(map(str, sources))}: {have} training sequences of {seq_len} tokens, fewer than the {need} a "
+            f"new expert needs; give more text (at least ~{need * seq_len:,} tokens in the train split)")
+
+
+def grow_bundle(bundle: str | Path, sources: Sequence[str], out: str | Path, cfg: GrowConfig | None = None) -> dict:
+    """A bundle of E + 1 experts at `out`: the old ones untouched plus one router and expert for `sources`."""
+    from ..routing.config import RouterEMConfig
+    from ..train.config import TrainConfig
+    from ..train.trainer import Trainer
+
+    cfg = cfg or GrowConfig()
+    info = read_bundle(bundle)
+    out = Path(out)
+    if out.exists():
+        raise SmallTalkError(f"--out {out}: already exists; give a new directory (the original bundle is untouched)")
+    if cfg.branch_from is not None and not 0 <= cfg.branch_from < info.num_experts:
+        raise SmallTalkError(f"branch_from={cfg.branch_from}: the bundle has experts 0..{info.num_experts - 1}")
+    _verify(info)
+    run_cfg = read_json(info.root / "run_config.json") if (info.root / "run_config.json").is_file() else None
+    if run_cfg is None and not (cfg.router_steps and cfg.expert_steps and cfg.expert_batch_size):
+        raise SmallTalkError(f"{info.root}: no run_config.json to take the training settings from; give "
+                             "--router-steps, --expert-steps and --expert-batch-size")
+    E = info.num_experts
+    work = out.parent / f"{out.name}.grow-work"
+    data_dir, train = _new_data(info, sources, work, cfg)
+
+    # The new router: the old routers' architecture and EM settings, trained on the new data's prefixes.
+    router_cfg, _ = read_model_config(info.routers[0].dir)
+    em = RouterEMConfig.from_dict({k: v for k, v in run_cfg["routers"].items() if k != "num_seqs_resolved"}) \
+        if run_cfg else RouterEMConfig(prefix_len=info.prefix_len, router_preset="tiny")
+    router_train = em.train_config(E).replace(max_steps=cfg.router_steps or em.total_steps, seed=cfg.seed * 1000 + E,
+                                              device=cfg.device, loss_prefix_len=info.prefix_len, keep_last_k=1)
+    router = Trainer(router_cfg, router_train, train, work / "router", progress=False,
+                     tokenizer_file=info.tokenizer_file)
+    router.train()
+
+    # The new expert: the old experts' architecture, from scratch or branched from one of them.
+    expert_cfg, _ = read_model_config(info.experts[0].dir)
+    base = TrainConfig.from_dict(run_cfg["expert_train"]) if run_cfg else TrainConfig()
+    expert_train = base.replace(max_steps=cfg.expert_steps or base.max_steps,
+                                batch_size=cfg.expert_batch_size or base.batch_size, seed=cfg.seed + 1 + E,
+                                device=cfg.device, eval_every=0, eval_batches=0, name=f"grown-expert-{E}")
+    expert = Trainer(expert_cfg, expert_train, train, work / "expert", progress=None,
+                     tokenizer_file=info.tokenizer_file)
+    if cfg.branch_from is not None and expert.step == 0:
+        load_weights(info.experts[cfg.branch_from].dir / WEIGHTS_FILE, expert.model)
+    expert.train()
+
+    old_seqs = [int(x.train_seqs or 1) for x in info.experts]
+    new = build_bundle(out, router_dirs=[r.dir for r in info.routers] + [work / "router" / "model"],
+                       expert_dirs=[x.dir for x in info.experts] + [work / "expert" / "model"],
+                       tokenizer_file=info.tokenizer_file, prefix_len=info.prefix_len,
+                       train_seqs=old_seqs + [len(train.dataset)], run_config=run_cfg)
+    S = info.seq_len - 1  # positions a training step runs on
+    grow_flops = (router_train.max_steps * training_flops_per_step(router_cfg, router_train.batch_size,
+                                                                   info.prefix_len - 1)
+                  + expert_train.max_steps * training_flops_per_step(expert_cfg, expert_train.batch_size, S))
+    old_router_flops = em.total_steps * training_flops_per_step(router_cfg, em.batch_size, info.prefix_len - 1)
+    old_expert_flops = base.max_steps * training_flops_per_step(expert_cfg, base.batch_size, S)
+    retrain = (E + 1) * (old_router_flops + old_expert_flops)
+    lineage = {"from": str(info.root.resolve()), "added_expert": E, "data": [str(s) for s in sources],
+               "data_dir": str(data_dir), "new_train_seqs": len(train.dataset), "branch_from": cfg.branch_from,
+               "config": dataclasses.asdict(cfg),
+               "training_flops": {"grow": grow_flops, "retrain_e_plus_1_from_scratch": retrain,
+                                  "grow_over_retrain": grow_flops / retrain if retrain else None,
+                                  "note": "retraining counts the router M-steps and expert steps of E + 1 models; "
+                                          "EM and sharding scoring are left out of both"}}
+    atomic_write_json(out / "lineage.json", lineage)
+    return {"bundle": str(new.root), "num_experts": new.num_experts, **lineage}

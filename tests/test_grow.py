@@ -1,0 +1,79 @@
+"""`smalltalk grow`: a new router and expert for new data; the old models are untouched."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from analysis_run import build_tiny_run
+from smalltalk.cli import main
+from smalltalk.errors import SmallTalkError
+from smalltalk.mixture.bundle import read_bundle
+from smalltalk.mixture.grow import GrowConfig, grow_bundle
+from smalltalk.mixture.inference import Mixture
+from smalltalk.model.io import sha256_file
+
+FAST = GrowConfig(router_steps=30, expert_steps=20, expert_batch_size=8, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, corpus_dir):
+    return build_tiny_run(tmp_path_factory, corpus_dir)
+
+
+@pytest.fixture(scope="module")
+def new_text(corpus_dir, tmp_path_factory):
+    """German novels as plain text files (the tiny run saw them too, but only 48 KB of each file)."""
+    root = tmp_path_factory.mktemp("new_text")
+    with gzip.open(corpus_dir / "train" / "novels_de.jsonl.gz", "rt", encoding="utf-8") as f:
+        for i, line in zip(range(6), f):
+            (root / f"roman_{i}.txt").write_text(json.loads(line)["text"][:40_000], encoding="utf-8")
+    return root
+
+
+def _hashes(root):
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_grow_adds_one_router_and_expert_and_changes_nothing_else(run_dir, new_text, tmp_path):
+    bundle = run_dir / "bundle"
+    before = _hashes(bundle)
+    result = grow_bundle(bundle, [str(new_text)], tmp_path / "grown", FAST)
+    assert _hashes(bundle) == before
+    old, new = read_bundle(bundle), read_bundle(tmp_path / "grown")
+    assert new.num_experts == old.num_experts + 1 == result["num_experts"]
+    assert [x.weights_sha256 for x in new.experts[:-1]] == [x.weights_sha256 for x in old.experts]
+    assert [x.weights_sha256 for x in new.routers[:-1]] == [x.weights_sha256 for x in old.routers]
+    assert new.experts[-1].train_seqs == result["new_train_seqs"] > 0
+    flops = result["training_flops"]
+    assert 0 < flops["grow"] < flops["retrain_e_plus_1_from_scratch"]
+    # The grown mixture routes: old scores are unchanged, the new router adds a fifth score.
+    a, b = Mixture.load(bundle), Mixture.load(tmp_path / "grown")
+    text = (new_text / "roman_0.txt").read_text()[:500]
+    ra, rb = a.route(text), b.route(text)
+    assert rb.scores[:-1] == pytest.approx(ra.scores, abs=1e-4) and len(rb.scores) == 5
+    assert json.loads((tmp_path / "grown" / "lineage.json").read_text())["added_expert"] == 4
+
+
+def test_branching_from_an_expert_and_the_cli(run_dir, new_text, tmp_path, capsys):
+    assert main(["grow", str(run_dir), "--data", str(new_text), "--out", str(tmp_path / "g"), "--branch-from", "1",
+                 "--router-steps", "10", "--expert-steps", "4", "--expert-batch-size", "4", "--device", "cpu"]) == 0
+    assert "% of retraining 5 experts from scratch" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g" / "lineage.json").read_text())["branch_from"] == 1
+
+
+def test_bad_growth_is_refused_and_changes_nothing(run_dir, new_text, tmp_path, corpus_dir):
+    bundle = run_dir / "bundle"
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SmallTalkError, match="already exists"):
+        grow_bundle(bundle, [str(new_text)], tmp_path / "taken", FAST)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("Nur ein kurzer Satz.", encoding="utf-8")
+    with pytest.raises(SmallTalkError, match="fewer than the 64 a new expert needs"):
+        grow_bundle(bundle, [str(small)], tmp_path / "x", FAST)
+    with pytest.raises(SmallTalkError, match="branch_from=9"):
+        grow_bundle(bundle, [str(new_text)], tmp_path / "y", GrowConfig(branch_from=9))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
