@@ -62,23 +62,28 @@ def shrink_bundle(bundle: str | Path, drop: Sequence[int], out: str | Path) -> B
 def opt_out_cost(bundle: str | Path, drop: Sequence[int], dense: str | Path, data_dir: str | Path, *,
                  split: str = "test", max_seqs: int = 0, batch_size: int = 16, device: str = "auto") -> dict:
     """Perplexity before / after dropping `drop`, on their former segment and on the rest of `split`."""
+    return opt_out_table(bundle, [drop], dense, data_dir, split=split, max_seqs=max_seqs, batch_size=batch_size,
+                         device=device)[0]
+
+
+def opt_out_table(bundle: str | Path, drops: Sequence[Sequence[int]], dense: str | Path, data_dir: str | Path, *,
+                  split: str = "test", max_seqs: int = 0, batch_size: int = 16, device: str = "auto") -> list[dict]:
+    """`opt_out_cost` for several opt-outs from one scoring pass of the bundle (every expert, the routers and
+    the dense model score `split` once; each opt-out only re-routes)."""
     from ..train.evaluate import evenly_spaced, load_split
     from .evaluate import _ppl, score_tables
     from .inference import Mixture
 
-    mixture = Mixture.load(bundle, device=device)
-    drop = _check_drop(mixture.info, drop)
+    mixture = Mixture.load(bundle, device=device, max_loaded_experts=10**6)
+    drops = [_check_drop(mixture.info, d) for d in drops]
     data = load_split(data_dir, split)
     indices = evenly_spaced(len(data.dataset), max_seqs)
     tokens = data.dataset.get(indices)
     tables = score_tables(mixture, dense, tokens, data.dataset.domains(indices), batch_size=batch_size)
     scores = rule.window_scores(tables.router_logp, mixture.info.prefix_len)  # (N, E)
     before = rule.route(scores)
-    kept = [e for e in range(mixture.num_experts) if e not in drop]
-    after = np.asarray(kept)[rule.route(scores[:, kept])]  # the dropped experts' traffic: best kept router
     rows = np.arange(len(before))
     T = tables.tokens_per_seq
-    segment = np.isin(before, drop)
 
     def ppl(routes: np.ndarray, select: np.ndarray) -> float | None:
         n = int(select.sum())
@@ -88,11 +93,18 @@ def opt_out_cost(bundle: str | Path, drop: Sequence[int], dense: str | Path, dat
         n = int(select.sum())
         return _ppl(float(tables.dense_nll[select].sum()), n * T) if n else None
 
-    moved = {int(k): {int(e): int(((before == k) & (after == e)).sum()) for e in kept} for k in drop}
-    return {"bundle": str(mixture.info.root), "dropped": drop, "split": split, "num_seqs": len(rows),
-            "dropped_segment": {"num_seqs": int(segment.sum()), "ppl_before": ppl(before, segment),
-                                "ppl_after": ppl(after, segment), "dense_ppl": dense_ppl(segment), "moved_to": moved},
-            "rest": {"num_seqs": int((~segment).sum()), "ppl_before": ppl(before, ~segment),
-                     "ppl_after": ppl(after, ~segment), "dense_ppl": dense_ppl(~segment)},
-            "all": {"ppl_before": ppl(before, rows >= 0), "ppl_after": ppl(after, rows >= 0),
-                    "dense_ppl": dense_ppl(rows >= 0)}}
+    out = []
+    for drop in drops:
+        kept = [e for e in range(mixture.num_experts) if e not in drop]
+        after = np.asarray(kept)[rule.route(scores[:, kept])]  # the dropped experts' traffic: best kept router
+        segment = np.isin(before, drop)
+        moved = {int(k): {int(e): int(((before == k) & (after == e)).sum()) for e in kept} for k in drop}
+        out.append({"bundle": str(mixture.info.root), "dropped": drop, "split": split, "num_seqs": len(rows),
+                    "dropped_segment": {"num_seqs": int(segment.sum()), "ppl_before": ppl(before, segment),
+                                        "ppl_after": ppl(after, segment), "dense_ppl": dense_ppl(segment),
+                                        "moved_to": moved},
+                    "rest": {"num_seqs": int((~segment).sum()), "ppl_before": ppl(before, ~segment),
+                             "ppl_after": ppl(after, ~segment), "dense_ppl": dense_ppl(~segment)},
+                    "all": {"ppl_before": ppl(before, rows >= 0), "ppl_after": ppl(after, rows >= 0),
+                            "dense_ppl": dense_ppl(rows >= 0)}})
+    return out
