@@ -77,3 +77,20 @@ def test_bad_growth_is_refused_and_changes_nothing(run_dir, new_text, tmp_path, 
     with pytest.raises(SmallTalkError, match="branch_from=9"):
         grow_bundle(bundle, [str(new_text)], tmp_path / "y", GrowConfig(branch_from=9))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_the_held_out_domain_experiment_runs_end_to_end_in_smoke_mode(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/grow_experiment.py", "--smoke", "--hold-out", "novels_de",
+                           "--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path), "--threads", "1"],
+                          cwd=repo, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "grow_experiment_smoke.json").read_text())["rows"][0]
+    assert row["held_out"] == "novels_de" and "novels_de" not in json.loads(
+        (tmp_path / "runs" / "smoke-without-novels_de" / "run_config.json").read_text())["domains"]
+    assert set(row["new_domain"]) >= {"original_mixture", "grown_mixture", "dense", "dense_plus_same_extra_flops"}
+    assert len(row["new_domain"]["grown_routing"]) >= 1
