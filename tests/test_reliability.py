@@ -79,6 +79,10 @@ def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path, tiny_data, capsys)
     assert "is a file, not a directory" in capsys.readouterr().err
     assert main(["run", "--config", "tiny", "--out", str(file)]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["train-routers", "--data", str(tiny_data), "--out", str(file), "--preset", "tiny"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["shard", "--data", str(tiny_data), "--routers", str(tmp_path), "--out", str(file)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
 
 
 # -- 2. damaged weights --------------------------------------------------------------------------------------
