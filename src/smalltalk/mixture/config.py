@@ -199,8 +199,7 @@ def _tiny() -> dict:
     # mixture_results_tiny.md). Experts are capacity-starved (`micro`: 16 wide, one layer, 512-token
     # vocabulary) so that specialisation shows within 200 steps; routers are `tiny` and route on M = 64 of
     # the 128 tokens. The routers are bigger than the experts, so the FLOPs table shows a large routing
-    # overhead here; the `cpu` presets have paper-like ones. (The settings were chosen while sharding still
-    # balanced consecutive chunks, see routing/sharding.py; they have not been re-tuned since.)
+    # overhead here; the `cpu` presets have paper-like ones.
     return {"name": "tiny", "num_experts": 4, "prefix_len": 64, "valid_seqs": 1024,
             "data": {"preset": "tiny", "vocab_size": 512},
             "routers": {"preset": "tiny", "iterations": 6, "steps_per_iteration": 40, "batch_size": 16},
@@ -211,7 +210,7 @@ def _tiny() -> dict:
 
 
 def _cpu(num_experts: int) -> dict:
-    # The FLOP-fair experiment of benchmarks/mixture_results.py (issue 5): equal training FLOPs with the
+    # The FLOP-fair experiment of benchmarks/mixture_results.py: equal training FLOPs with the
     # routers counted, and inference within +10% of dense. On 2 CPU cores that means small models: experts
     # of `mini` shape at 32 wide (42k parameters, ~200 training tokens per parameter, the overtrained regime
     # of the paper's experts) and `nano` routers (5k) on a 32-token prefix: E = 4 adds +4% inference FLOPs.

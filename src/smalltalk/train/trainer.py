@@ -393,19 +393,6 @@ class Trainer:
                 "tokenizer_sha256": self.tokenizer_sha256, "world_size": self.dist.world_size}
 
 
-def train_model(data_dir: str | Path, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, *,
-                indices: np.ndarray | None = None, train_split: str = "train", valid_split: str | None = "valid",
-                progress: bool | None = None) -> dict[str, Any]:
-    """Train on splits of a prepared data directory; returns the run summary (final model in ``<run_dir>/model``).
-
-    `model_cfg` must fit the data: ``model_config_for_data(preset(...), data)`` adapts a preset."""
-    from .evaluate import load_split
-
-    train = load_split(data_dir, train_split)
-    valid = load_split(data_dir, valid_split) if valid_split else None
-    trainer = Trainer(model_cfg, train_cfg, train, run_dir, valid_data=valid, indices=indices, progress=progress)
-    return trainer.train()
-
 
 def model_config_for_data(model_cfg: ModelConfig, data: TokenDataset | SplitData) -> ModelConfig:
     """The preset adapted to a token dataset: its vocabulary, and a context of its sequence length."""
