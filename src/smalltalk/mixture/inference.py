@@ -49,6 +49,7 @@ from ..model.io import WEIGHTS_FILE, load_model_dir, sha256_file
 from ..model.transformer import Transformer
 from ..routing import rule
 from ..routing.score import StackedRouters
+from ..train.distributed import resolve_device  # noqa: F401  (re-exported: the one place a device is resolved)
 from .bundle import BundleInfo, read_bundle
 
 LONG_PROMPT_POLICIES = ("truncate", "error")
@@ -131,17 +132,6 @@ def router_token_logprobs(routers: StackedRouters, tokens: np.ndarray, *, batch_
 def router_scores(routers: StackedRouters, tokens: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
     """Log-likelihood of each right-padded row's first lengths[n] tokens under each router: (N, E) float64."""
     return rule.masked_scores(router_token_logprobs(routers, tokens), lengths)  # Eq. 8
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SmallTalkError(f"device={name!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 class Mixture:

@@ -39,8 +39,10 @@ class DistInfo(RankRole):
     local_rank: int = 0
 
 
-def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
-    """"auto" -> cuda (this rank's local GPU under torchrun) when available, else cpu."""
+def resolve_device(name: str | torch.device, info: DistInfo | None = None) -> torch.device:
+    """"auto" -> cuda (this rank's local GPU under torchrun) when available, else cpu; a torch.device as is."""
+    if isinstance(name, torch.device):
+        return name
     info = info or DistInfo()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
