@@ -30,7 +30,7 @@ from ..data.shards import ShardWriter, read_header, token_dtype
 from ..errors import SmallTalkError
 from ..io import atomic_open, atomic_write_json, read_json
 from ..mixture.layout import RunLayout
-from ..routing.sharding import MANIFEST_FORMAT, data_tokenizer_sha256
+from ..routing.sharding import MANIFEST_FORMAT, data_tokenizer_sha256, write_expert_manifest
 from .output import analysis_dir
 from .runs import RunView, open_run
 
@@ -77,28 +77,18 @@ def write_partition_shards(data_dir: Path, assignment: np.ndarray, out: Path, nu
     with atomic_open(work / f"{split}_assign_{0:06d}.npy", "wb") as f:
         np.save(f, assignment.astype(np.int16))
 
-    tok_info = dict(data_manifest.get("tokenizer", {}) or {})
-    tok_file = data_dir / tok_info.get("file", "tokenizer.json")
     src = data_manifest["splits"][split]
     experts = []
     for e in range(num_experts):
         edir = out / f"expert_{e}"
         files = sorted((edir / split).glob("shard_*.bin"))
-        if tok_file.is_file():
-            shutil.copyfile(tok_file, edir / tok_file.name)
         per_split = {
             "shards": [{"file": f"{split}/{p.name}", "num_seqs": read_header(p).num_seqs} for p in files],
             "num_seqs": int(counts[e]), "num_tokens": int(counts[e]) * ds.seq_len, "num_documents": None,
             "num_bytes": int(round(src["num_bytes"] * counts[e] / len(ds))) if src.get("num_bytes") else None,
             "domain_counts": {d: int(table[e, i]) for i, d in enumerate(domain_names)},
         }
-        atomic_write_json(edir / "manifest.json", {
-            "format": data_manifest.get("format", "smalltalk-tokens"), "version": data_manifest.get("version", 1),
-            "seq_len": ds.seq_len, "vocab_size": ds.vocab_size, "token_dtype": data_manifest.get("token_dtype"),
-            "tokenizer": tok_info, "domains": domain_names, "splits": {split: per_split},
-            "sources": [{"sharded_from": str(data_dir.resolve()), "expert": e}],
-            "config": {"partition": method}, "stats": {},
-        })
+        write_expert_manifest(edir, data_dir, data_manifest, {split: per_split}, e, {"partition": method})
         experts.append({"dir": edir.name, split: int(counts[e])})
     manifest = {
         "format": MANIFEST_FORMAT, "version": 1, "num_experts": num_experts, "prefix_len": int(prefix_len),

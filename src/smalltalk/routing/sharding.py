@@ -205,9 +205,7 @@ def _shard_chunk(stacked: StackedRouters, ds, split: str, c: int, idx: np.ndarra
 def _write_manifests(out: Path, data_dir: Path, data_manifest: dict, rmanifest: dict, routers: Path, settings: dict,
                      domain_names: list[str], elapsed: float) -> dict:
     E = settings["num_experts"]
-    tok_info = dict(data_manifest.get("tokenizer", {}) or {})
-    tok_file = data_dir / tok_info.get("file", "tokenizer.json")
-    seq_len, vocab = int(data_manifest["seq_len"]), int(data_manifest["vocab_size"])
+    seq_len = int(data_manifest["seq_len"])
     splits_out: dict[str, Any] = {}
     per_expert: list[dict[str, Any]] = [{} for _ in range(E)]
     for split in settings["splits"]:
@@ -244,16 +242,7 @@ def _write_manifests(out: Path, data_dir: Path, data_manifest: dict, rmanifest: 
     experts = []
     for e in range(E):
         edir = out / f"expert_{e}"
-        edir.mkdir(parents=True, exist_ok=True)
-        if tok_file.is_file():
-            atomic_write_bytes(edir / tok_file.name, tok_file.read_bytes())
-        atomic_write_json(edir / "manifest.json", {
-            "format": data_manifest.get("format", "smalltalk-tokens"), "version": data_manifest.get("version", 1),
-            "seq_len": seq_len, "vocab_size": vocab, "token_dtype": data_manifest.get("token_dtype"),
-            "tokenizer": tok_info, "domains": domain_names, "splits": per_expert[e],
-            "sources": [{"sharded_from": str(data_dir.resolve()), "expert": e}],
-            "config": {"shard": settings}, "stats": {},
-        })
+        write_expert_manifest(edir, data_dir, data_manifest, per_expert[e], e, {"shard": settings})
         experts.append({"dir": edir.name, **{s: per_expert[e][s]["num_seqs"] for s in settings["splits"]}})
     manifest = {
         "format": MANIFEST_FORMAT, "version": 1, "num_experts": E, "prefix_len": settings["prefix_len"],
@@ -266,6 +255,24 @@ def _write_manifests(out: Path, data_dir: Path, data_manifest: dict, rmanifest: 
     }
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def write_expert_manifest(edir: Path, data_dir: Path, data_manifest: dict, splits: dict[str, Any], expert: int,
+                          config: dict[str, Any]) -> None:
+    """The prepared-data manifest (and tokenizer copy) of one expert's shard directory, so that every reader of
+    token data (`load_split`, `TokenDataset`) reads an expert's shard like any prepared split."""
+    tok_info = dict(data_manifest.get("tokenizer", {}) or {})
+    tok_file = data_dir / tok_info.get("file", "tokenizer.json")
+    edir.mkdir(parents=True, exist_ok=True)
+    if tok_file.is_file():
+        atomic_write_bytes(edir / tok_file.name, tok_file.read_bytes())
+    atomic_write_json(edir / "manifest.json", {
+        "format": data_manifest.get("format", "smalltalk-tokens"), "version": data_manifest.get("version", 1),
+        "seq_len": int(data_manifest["seq_len"]), "vocab_size": int(data_manifest["vocab_size"]),
+        "token_dtype": data_manifest.get("token_dtype"), "tokenizer": tok_info,
+        "domains": list(data_manifest.get("domains") or []), "splits": splits,
+        "sources": [{"sharded_from": str(data_dir.resolve()), "expert": expert}], "config": config, "stats": {},
+    })
 
 
 def _num_seqs(path: Path) -> int:
