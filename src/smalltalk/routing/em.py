@@ -211,7 +211,7 @@ def _train_routers(data_dir: str | Path, run_dir: str | Path, cfg: RouterEMConfi
     say = say if workers.is_main else (lambda msg: None)
     out = routers_dir(run_dir)
     work = out / "work"
-    E, M, N, S = cfg.num_experts, cfg.prefix_len, cfg.num_seqs, cfg.steps_per_iteration
+    E, M, N, steps = cfg.num_experts, cfg.prefix_len, cfg.num_seqs, cfg.steps_per_iteration
     install_termination_message(workers, lambda: _resume_hint(out, cfg))
 
     train, valid, probe, data_info = _open_data(Path(data_dir), cfg)
@@ -230,30 +230,30 @@ def _train_routers(data_dir: str | Path, run_dir: str | Path, cfg: RouterEMConfi
         t0 = time.perf_counter()
         for e, trainer in trainers.items():  # M-step (Alg. 1 lines 5-7): no communication at all
             trainer.set_indices(segments[e])
-            trainer.train(until_step=it * S)
+            trainer.train(until_step=it * steps)
         t1 = time.perf_counter()
         new_seqs = sample_iteration_seqs(len(train.dataset), N, it, cfg.seed)  # line 8
-        local = _score_local(trainers, work, it * S, cfg, train, new_seqs, valid, probe, workers)
+        local = _score_local(trainers, work, it * steps, cfg, train, new_seqs, valid, probe, workers)
         t2 = time.perf_counter()
         sent0, recv0 = workers.bytes_sent, workers.bytes_received
-        full = workers.all_gather_scores(local, E, cfg.score_dtype)  # (N + H + 1, E): the only exchange
+        full = workers.all_gather_scores(local, E, cfg.score_dtype)  # (N + num_probe + 1, E): the only exchange
         exchange = comm.add(workers.bytes_sent - sent0, workers.bytes_received - recv0, N / len(local))
         t3 = time.perf_counter()
 
-        H = len(probe)
-        scores, probe_scores, train_loss = full[:N], full[N:N + H], full[N + H]
+        num_probe = len(probe)
+        scores, probe_scores, train_loss = full[:N], full[N:N + num_probe], full[N + num_probe]
         assignment = balanced_assignment(scores)  # E-step (line 9): every worker computes the same
         segments = segments_of(new_seqs, assignment, E, it)
-        probe_assign = balanced_assignment(probe_scores) if H else None
-        record = _iteration_record(it, it * S, E, M, scores, assignment, probe_scores, probe_assign, prev_probe,
+        probe_assign = balanced_assignment(probe_scores) if num_probe else None
+        record = _iteration_record(it, it * steps, E, M, scores, assignment, probe_scores, probe_assign, prev_probe,
                                    train_loss, data_info["domains"], train.dataset.domains(new_seqs),
-                                   valid.dataset.domains(probe) if H else None)
+                                   valid.dataset.domains(probe) if num_probe else None)
         record.update(time_s={"train": t1 - t0, "score": t2 - t1, "exchange": t3 - t2},
                       exchange_bytes=exchange, world_size=workers.world_size)
         prev_probe = probe_assign
         if workers.is_main:
             records.append(record)
-            _save_iteration(out, it, S, assignment, probe_assign, records)
+            _save_iteration(out, it, steps, assignment, probe_assign, records)
         say(_describe_iteration(record, cfg.iterations, t3 - t0))
 
     for e, trainer in trainers.items():
@@ -322,33 +322,34 @@ def _open_trainers(work: Path, cfg: RouterEMConfig, model_cfg: ModelConfig, trai
     from ..train.distributed import DistInfo
     from ..train.trainer import Trainer
 
-    S = cfg.steps_per_iteration
+    steps = cfg.steps_per_iteration
     trainers = {}
     for e in workers.owned(cfg.num_experts):
         run = work / f"router_{e}"
-        _prune_checkpoints(run / "checkpoints", (done + 1) * S)
+        _prune_checkpoints(run / "checkpoints", (done + 1) * steps)
         tcfg = cfg.train_config(e).replace(device=str(workers.device))
         # DistInfo(): a router is trained by one process; no data parallelism, no gradient exchange.
         trainers[e] = Trainer(model_cfg, tcfg, train, run, indices=segments[e], dist_info=DistInfo(), progress=False)
-        if not done * S <= trainers[e].step <= (done + 1) * S:
+        if not done * steps <= trainers[e].step <= (done + 1) * steps:
             raise SmallTalkError(f"{run}: router {e} checkpoint is at step {trainers[e].step}, but EM state says "
-                                 f"{done} iterations of {S} steps are done; the run directory is inconsistent: "
+                                 f"{done} iterations of {steps} steps are done; the run directory is inconsistent: "
                                  "start over with a new --out")
     return trainers
 
 
 def _score_local(trainers: dict, work: Path, step: int, cfg: RouterEMConfig, train, new_seqs: np.ndarray, valid,
                  probe: np.ndarray, workers: Workers) -> np.ndarray:
-    """(N + H + 1, routers of this worker): new sequences' and probe's prefix scores, and a row of training losses."""
+    """(N + num_probe + 1, routers of this worker): the new sequences' and the probe's prefix scores, and a row
+    of training losses."""
     stacked = StackedRouters([t.model for t in trainers.values()], device=workers.device)
     local = [score_dataset(stacked, train.dataset, new_seqs, cfg.prefix_len, cfg.score_batch_size)]  # (N, e)
     if len(probe):
-        local.append(score_dataset(stacked, valid.dataset, probe, cfg.prefix_len, cfg.score_batch_size))  # (H, e)
+        local.append(score_dataset(stacked, valid.dataset, probe, cfg.prefix_len, cfg.score_batch_size))  # (num_probe, e)
     local.append(np.asarray([[_last_train_loss(work / f"router_{e}", step) for e in trainers]], dtype=np.float32))
     return np.concatenate(local)
 
 
-def _save_iteration(out: Path, it: int, S: int, assignment: np.ndarray, probe_assign: np.ndarray | None,
+def _save_iteration(out: Path, it: int, steps: int, assignment: np.ndarray, probe_assign: np.ndarray | None,
                     records: list[dict]) -> None:
     """Assignment files first, the state last: the state only ever names iterations whose files exist."""
     work = out / "work"
@@ -356,7 +357,7 @@ def _save_iteration(out: Path, it: int, S: int, assignment: np.ndarray, probe_as
     if probe_assign is not None:
         _save_npy(work / f"probe_assign_{it:04d}.npy", probe_assign)
     atomic_write_text(out / "em_log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_json(out / "em_state.json", {"completed_iterations": it, "step": it * S,
+    atomic_write_json(out / "em_state.json", {"completed_iterations": it, "step": it * steps,
                                               "segment_sizes": records[-1]["segment_sizes"]})
     plot_em(records, out / "em_plot.png")
 
@@ -381,7 +382,7 @@ def _iteration_record(it: int, step: int, E: int, M: int, scores: np.ndarray, as
         "mean_assigned_nll": float(-assignment_objective(scores, assignment) / len(assignment) / (M - 1)),
     }
     if probe_assign is not None:
-        nll = mean_prefix_nll(probe_scores, M)  # (H, E)
+        nll = mean_prefix_nll(probe_scores, M)  # (num_probe, E)
         matrix = nll_by_segment(nll, probe_assign, E)
         record.update(heldout_nll=[float(x) for x in nll.mean(axis=0)],
                       heldout_segment_sizes=segment_sizes(probe_assign, E).tolist(),
