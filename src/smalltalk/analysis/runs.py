@@ -80,12 +80,12 @@ def _model_dir(layout: RunLayout, k: int) -> Path:
 
 def open_run(run_dir: str | Path, *, need_experts: bool = True) -> RunView:
     """A run directory written by `smalltalk run` (at least through the experts and dense stages)."""
-    from ..mixture.experts import load_run_config
+    from ..mixture.experts import read_run_config
 
     root = Path(run_dir)
     if not root.is_dir():
         raise SmallTalkError(f"--run {root}: no such directory; pass a run directory written by `smalltalk run`")
-    cfg = load_run_config(root)
+    cfg = read_run_config(root)
     layout = RunLayout(root)
     if not (layout.data / "manifest.json").is_file():
         raise SmallTalkError(f"{layout.data / 'manifest.json'}: not found; the run has no prepared data yet "

@@ -17,7 +17,7 @@ from ..io import read_json
 from ..model.flops import training_flops
 from ..train.evaluate import load_split
 from .config import RunConfig
-from .experts import load_run_config
+from .experts import read_run_config
 from .layout import RunLayout
 
 
@@ -44,7 +44,7 @@ def train_dense(run_dir: str | Path, *, cfg: RunConfig | None = None, progress: 
     from ..locks import DirLock
 
     layout = RunLayout(run_dir)
-    cfg = cfg or load_run_config(run_dir)
+    cfg = cfg or read_run_config(run_dir)
     with DirLock(layout.dense, "training the dense baseline", enabled=int(os.environ.get("RANK", "0")) == 0):
         return _train_dense(layout, cfg, progress, log)
 

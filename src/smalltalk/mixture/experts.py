@@ -58,7 +58,7 @@ class SubsetDataset:
         return self.base.domains(self.indices if indices is None else self.indices[np.asarray(indices)])
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
+def read_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config a run directory was started with (``<run>/run_config.json``)."""
     path = RunLayout(run_dir).config
     if not path.is_file():
@@ -130,7 +130,7 @@ def check_expert_shard(layout: RunLayout, k: int) -> Path:
     return directory
 
 
-def shard_dataset(layout: RunLayout, k: int) -> TokenDataset:
+def expert_shard(layout: RunLayout, k: int) -> TokenDataset:
     return TokenDataset.from_dir(check_expert_shard(layout, k))
 
 
@@ -182,7 +182,7 @@ def train_expert(run_dir: str | Path, k: int, *, cfg: RunConfig | None = None, p
     from ..locks import DirLock
 
     layout = RunLayout(run_dir)
-    cfg = cfg or load_run_config(run_dir)
+    cfg = cfg or read_run_config(run_dir)
     if not isinstance(k, int) or not 0 <= k < cfg.num_experts:
         raise SmallTalkError(f"--expert {k}: the run has experts 0..{cfg.num_experts - 1}")
     check_shards(layout, cfg)  # refuse mismatched or missing shards before anything is written
@@ -203,7 +203,7 @@ def _train_expert(layout: RunLayout, k: int, cfg: RunConfig, progress: bool | No
         check_expert_provenance(layout, k)  # a resumed expert must continue on the shards it started on
     else:
         atomic_write_json(provenance, shards_provenance(layout))
-    train = shard_dataset(layout, k)
+    train = expert_shard(layout, k)
     split = load_split(layout.data, "train")
     model_cfg = model_config_for_data(cfg.expert_model, train)
     train_cfg = cfg.expert_train_config(k)
