@@ -45,7 +45,7 @@ def continued_dense(run: Path, data_dir: Path, flops: float, out: Path) -> Path:
     from smalltalk.model.flops import training_flops_per_step
     from smalltalk.model.io import WEIGHTS_FILE, load_weights, read_model_config
     from smalltalk.train.config import TrainConfig
-    from smalltalk.train.evaluate import load_split
+    from smalltalk.data.splits import load_split
     from smalltalk.train.trainer import Trainer
 
     dense_dir = run / "dense" / "model"

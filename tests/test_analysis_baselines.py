@@ -87,7 +87,7 @@ def test_random_shards(run_dir):
     assert rnd[32]["ppl"] < no_routing["ppl"]
     # Random shards carry no domain structure: the partition is balanced and unrelated to domains.
     from smalltalk.analysis.partitions import nmi
-    from smalltalk.train.evaluate import load_split
+    from smalltalk.data.splits import load_split
 
     assign = np.load(f"{result['derived_run']}/shards/work/train_assign_000000.npy")
     assert nmi(assign, load_split(run_dir / "data", "train").dataset.domains()) < 0.02

@@ -71,7 +71,7 @@ def test_partition_metrics():
 
 
 def test_prefix_text_and_partition_shards(tiny_data, tmp_path):
-    from smalltalk.train.evaluate import load_split
+    from smalltalk.data.splits import load_split
 
     ds = load_split(tiny_data, "train").dataset
     tokens = ds.get(np.arange(40))

@@ -16,7 +16,7 @@ from smalltalk.model.io import load_model_dir, save_model_dir
 from smalltalk.model.transformer import Transformer
 from smalltalk.train import checkpoint as ckpt_lib
 from smalltalk.train.config import train_preset
-from smalltalk.train.evaluate import load_split
+from smalltalk.data.splits import load_split
 from smalltalk.train.trainer import Trainer, model_config_for_data
 
 

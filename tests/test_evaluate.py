@@ -14,7 +14,8 @@ from smalltalk.errors import SmallTalkError
 from smalltalk.model.config import preset
 from smalltalk.model.io import save_model_dir
 from smalltalk.model.transformer import Transformer
-from smalltalk.train.evaluate import evaluate, evaluate_model_dir, evenly_spaced, load_split
+from smalltalk.train.evaluate import evaluate, evaluate_model_dir
+from smalltalk.data.splits import evenly_spaced, load_split
 from smalltalk.train.trainer import model_config_for_data
 
 

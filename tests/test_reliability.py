@@ -26,7 +26,7 @@ from smalltalk.mixture.pipeline import run_pipeline
 from smalltalk.model.config import preset
 from smalltalk.model.io import load_model_dir, save_model_dir
 from smalltalk.model.transformer import Transformer
-from smalltalk.train.evaluate import load_split
+from smalltalk.data.splits import load_split
 from smalltalk.train.trainer import model_config_for_data
 from test_pipeline import copy_run, fast_config, sharded_run  # noqa: F401  (module fixture reused)
 

@@ -16,7 +16,7 @@ from smalltalk.model.flops import training_flops_per_step
 from smalltalk.model.io import load_model_dir
 from smalltalk.model.transformer import Transformer
 from smalltalk.train.config import TRAIN_PRESETS, TrainConfig, train_preset
-from smalltalk.train.evaluate import load_split
+from smalltalk.data.splits import load_split
 from smalltalk.train.optim import lr_at, param_groups
 from smalltalk.train.sampler import Sampler
 from smalltalk.train.trainer import Trainer, model_config_for_data

@@ -9,6 +9,7 @@ Whole directories (model directories, exports) are written the same way by `atom
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -125,3 +126,12 @@ def remove_stale_temps(directory: str | os.PathLike) -> int:
             p.unlink()
             n += 1
     return n
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (how tokenizers and checkpoint files are identified)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()

@@ -41,7 +41,7 @@ _CHUNK = 16384
 def write_partition_shards(data_dir: Path, assignment: np.ndarray, out: Path, num_experts: int, *,
                            prefix_len: int, method: dict[str, Any], split: str = "train") -> dict:
     """Write the sequences of `split` to ``<out>/expert_{e}/<split>/`` by `assignment`; returns the manifest."""
-    from ..train.evaluate import load_split
+    from ..data.splits import load_split
 
     data_dir, out = Path(data_dir), Path(out)
     data_manifest = read_json(data_dir / "manifest.json")

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..routing import rule
 from ..routing.assign import random_balanced_assignment
-from ..train.evaluate import load_split
+from ..data.splits import load_split
 from .baselines import (EM_LABEL, BaselineConfig, add_bootstrap, comparison_prefix_lens, comparison_table,
                         em_rows, log_to, plot_comparison, row, seeded_random_routes, verdict)
 from .derived import prepare_derived_run, train_derived_experts

@@ -122,7 +122,7 @@ def _cache_key(expert_dirs: Sequence[Path], dense_dir: Path | None, split: str, 
 
 
 def select_sequences(num_seqs: int, max_seqs: int) -> np.ndarray:
-    from ..train.evaluate import evenly_spaced
+    from ..data.splits import evenly_spaced
 
     if max_seqs < 0:
         raise SmallTalkError(f"max_seqs={max_seqs} must be >= 0 (0: the whole split)")
@@ -135,7 +135,7 @@ def score_models(expert_dirs: Sequence[Path], dense_dir: Path | None, data_dir: 
     """Score `split` of `data_dir` with every expert (and the dense model); cached in `cache_dir`."""
     from ..model.io import load_model_dir
     from ..mixture.inference import resolve_device, token_logprobs
-    from ..train.evaluate import load_split
+    from ..data.splits import load_split
 
     data = load_split(data_dir, split)
     indices = select_sequences(len(data.dataset), max_seqs)
@@ -188,7 +188,7 @@ def router_logp(routers_dir: Path, data_dir: Path, indices: np.ndarray, prefix_l
     from ..mixture.inference import resolve_device, router_token_logprobs
     from ..routing.em import load_routers
     from ..routing.score import StackedRouters
-    from ..train.evaluate import load_split
+    from ..data.splits import load_split
 
     dev = resolve_device(device)
     models, _ = load_routers(routers_dir, device=str(dev))

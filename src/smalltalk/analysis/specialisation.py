@@ -90,7 +90,7 @@ def specialisation(scores: TestScores, test_routes: np.ndarray, train_assignment
 def analyze_specialisation(run_dir: str | Path, cfg: SpecialisationConfig | None = None,
                            log: Callable[[str], None] | None = None) -> dict:
     """Specialisation of a finished run's experts; writes ``<run>/analysis/specialisation/``."""
-    from ..train.evaluate import load_split
+    from ..data.splits import load_split
 
     cfg = cfg or SpecialisationConfig()
     view = open_run(run_dir)

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import SmallTalkError
-from ..train.evaluate import load_split
+from ..data.splits import load_split
 from .baselines import (EM_LABEL, BaselineConfig, add_bootstrap, comparison_prefix_lens, comparison_table,
                         em_rows, log_to, plot_comparison, row, verdict)
 from .derived import prepare_derived_run, train_derived_experts

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from ..model.config import preset
     from ..train.config import train_preset
     from ..train.distributed import shutdown
-    from ..train.evaluate import load_split
+    from ..data.splits import load_split
     from ..train.trainer import Trainer
 
     if args.threads:

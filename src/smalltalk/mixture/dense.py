@@ -15,7 +15,7 @@ from typing import Any
 
 from ..io import read_json
 from ..model.flops import training_flops
-from ..train.evaluate import load_split
+from ..data.splits import load_split
 from .config import RunConfig
 from .experts import read_run_config
 from .layout import RunLayout

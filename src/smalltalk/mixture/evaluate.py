@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import SmallTalkError
 from ..model.io import load_model_dir
-from ..train.evaluate import evenly_spaced, load_split
+from ..data.splits import evenly_spaced, load_split
 from ..routing import rule
 from .inference import Mixture, router_token_logprobs, token_logprobs
 

@@ -32,7 +32,7 @@ from ..data.shards import TokenDataset
 from ..errors import SmallTalkError
 from ..routing import rule
 from ..io import atomic_open, atomic_write_json, read_json
-from ..train.evaluate import SplitData, load_split
+from ..data.splits import SplitData, load_split
 from .config import RunConfig
 from .layout import RunLayout
 
@@ -137,7 +137,7 @@ def expert_shard(layout: RunLayout, k: int) -> TokenDataset:
 def valid_routes(layout: RunLayout, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """(indices, experts): `cfg.valid_seqs` evenly spaced valid sequences and the expert the routers send
     each to (argmax of prefix scores, as at inference). Cached in ``experts/valid_routes.npy``."""
-    from ..train.evaluate import evenly_spaced
+    from ..data.splits import evenly_spaced
 
     path = layout.valid_routes
     if path.is_file():

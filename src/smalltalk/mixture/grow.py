@@ -78,7 +78,7 @@ def _verify(info) -> None:
 
 def _new_data(info, sources: Sequence[str], work: Path, cfg: GrowConfig):
     from ..data.prepare import PrepareConfig, prepare
-    from ..train.evaluate import load_split
+    from ..data.splits import load_split
 
     given = Path(sources[0]) if len(sources) == 1 else None
     if given is not None and (given / "manifest.json").is_file():  # already prepared

@@ -70,7 +70,7 @@ def opt_out_table(bundle: str | Path, drops: Sequence[Sequence[int]], dense: str
                   split: str = "test", max_seqs: int = 0, batch_size: int = 16, device: str = "auto") -> list[dict]:
     """`opt_out_cost` for several opt-outs from one scoring pass of the bundle (every expert, the routers and
     the dense model score `split` once; each opt-out only re-routes)."""
-    from ..train.evaluate import evenly_spaced, load_split
+    from ..data.splits import evenly_spaced, load_split
     from .evaluate import _ppl, score_tables
     from .inference import Mixture
 

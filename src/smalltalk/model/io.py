@@ -16,7 +16,6 @@ either the previous complete directory or the new one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import SmallTalkError
-from ..io import atomic_dir, atomic_write_json, current_umask, read_json
+from ..io import atomic_dir, atomic_write_json, current_umask, read_json, sha256_file  # noqa: F401
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -36,15 +35,6 @@ VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes (how tokenizers and checkpoint files are identified)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def unwrap_model(model: torch.nn.Module) -> Transformer:

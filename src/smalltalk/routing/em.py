@@ -277,7 +277,7 @@ def _resume_hint(out: Path, cfg: RouterEMConfig) -> str:
 
 def _open_data(data_dir: Path, cfg: RouterEMConfig):
     """(train split, valid split or None, probe indices, data identity for em_config.json), validated."""
-    from ..train.evaluate import evenly_spaced, load_split
+    from ..data.splits import evenly_spaced, load_split
 
     train = load_split(data_dir, "train")
     valid = load_split(data_dir, "valid") if cfg.heldout_seqs else None

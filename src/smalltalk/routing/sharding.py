@@ -112,7 +112,7 @@ def shard_dataset(data_dir: str | Path, routers: str | Path, out: str | Path, *,
 
 def _shard_dataset(data_dir, routers, out, *, chunk_size, splits, batch_size, seed, workers: Workers,
                    log) -> dict[str, Any]:
-    from ..train.evaluate import load_split
+    from ..data.splits import load_split
 
     t_start = time.perf_counter()
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))

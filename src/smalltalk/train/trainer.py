@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..data.shards import TokenDataset
+from ..data.splits import SplitData, evenly_spaced
 from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json
 from ..model.config import ModelConfig
@@ -51,7 +52,7 @@ from ..model.transformer import Transformer
 from . import checkpoint as ckpt_lib
 from .config import TrainConfig
 from .distributed import DistInfo, any_rank, barrier, init_distributed, resolve_device
-from .evaluate import EvalResult, SplitData, autocast_context, evaluate, evenly_spaced
+from .evaluate import EvalResult, autocast_context, evaluate
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr
 from .sampler import Sampler
