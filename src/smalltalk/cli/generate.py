@@ -31,18 +31,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def load_generator(path: Path, device: str):
-    """(model, tokenizer) for a model directory. The one place that knows what MODEL_DIR may be."""
-    from ..data.tokenizer import load_tokenizer
-    from ..model.io import TOKENIZER_FILE, load_model_dir
-
-    tokenizer_file = Path(path) / TOKENIZER_FILE
-    if Path(path).is_dir() and not tokenizer_file.is_file():
-        raise SmallTalkError(f"{tokenizer_file}: not found; the model directory must hold its tokenizer.json")
-    model, _ = load_model_dir(path, device=device)
-    return model, load_tokenizer(tokenizer_file)
-
-
 def run(args) -> int:
     import torch
 
@@ -62,7 +50,9 @@ def run(args) -> int:
             raise SmallTalkError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
     prompt = read_prompt(args.prompt)
-    model, tokenizer = load_generator(args.model_dir, device)
+    from ..model.io import load_with_tokenizer
+
+    model, tokenizer = load_with_tokenizer(args.model_dir, device)
     start = time.perf_counter()
     result = generate(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed, greedy=args.greedy,

@@ -86,7 +86,7 @@ def evaluate_text(model: str | Path, sources: Sequence[str], *, dense: str | Pat
     or with one model directory; see the module docstring."""
     from tqdm import tqdm
 
-    from ..cli.generate import load_generator
+    from ..model.io import load_with_tokenizer
     from ..model.io import load_model_dir
 
     if isinstance(sources, (str, Path)):
@@ -103,7 +103,7 @@ def evaluate_text(model: str | Path, sources: Sequence[str], *, dense: str | Pat
         tokenizer, seq_len, prefix_len = mixture.tokenizer, mixture.info.seq_len, mixture.info.prefix_len
         vocab = mixture.info.vocab_size
     else:
-        single, tokenizer = load_generator(path, dev)
+        single, tokenizer = load_with_tokenizer(path, dev)
         seq_len, prefix_len, vocab = single.config.max_seq_len, None, single.config.vocab_size
     dense_model = None
     if dense is not None:

@@ -174,3 +174,14 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
     if verify:
         check_finite(model, directory / WEIGHTS_FILE)
     return model.to(device).eval(), config_json
+
+
+def load_with_tokenizer(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(model, TextTokenizer) of a model directory: what generation, serving and text evaluation need."""
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer_file = Path(directory) / TOKENIZER_FILE
+    if Path(directory).is_dir() and not tokenizer_file.is_file():
+        raise SmallTalkError(f"{tokenizer_file}: not found; the model directory must hold its tokenizer.json")
+    model, _ = load_model_dir(directory, device=device)
+    return model, load_tokenizer(tokenizer_file)

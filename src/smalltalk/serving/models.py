@@ -64,9 +64,9 @@ class ServedModels:
             raise SmallTalkError(f"{path}: remote experts need a mixture bundle; a model directory is one model")
         if cfg.prefix_len is not None:
             raise SmallTalkError(f"--prefix-len applies to a mixture bundle; {path} is one model")
-        from ..cli.generate import load_generator
+        from ..model.io import load_with_tokenizer
 
-        model, tokenizer = load_generator(path, device)
+        model, tokenizer = load_with_tokenizer(path, device)
         model.eval()
         return cls(name=cfg.served_model_name or _dir_name(path), tokenizer=tokenizer, eos_id=int(tokenizer.eos_id),
                    max_len=model.config.max_seq_len, vocab_size=model.config.vocab_size, num_experts=1, prefix_len=None, remote={}, single=model)
