@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from analysis_run import EVAL_SEQS, build_tiny_run
-from smalltalk.analysis.output import collect_sections
+from smalltalk.mixture.layout import RunLayout
 from smalltalk.analysis.prefix_length import PrefixLengthConfig, analyze_prefix_length, default_prefix_lens
 from smalltalk.analysis.router_size import RouterSizeConfig, analyze_router_size
 from smalltalk.analysis.specialisation import SpecialisationConfig, analyze_specialisation
@@ -46,7 +46,7 @@ def test_prefix_length_matches_the_mixture_evaluation(run_dir):
     for name in ("result.json", "table.md", "prefix-length.png", "section.md"):
         assert (out / name).stat().st_size > 0
     assert (out / "prefix-length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "## Routing prefix length" in collect_sections(run_dir)
+    assert "## Routing prefix length" in RunLayout(run_dir).analysis_sections()
 
     # A second curve (here: the same run under another label) goes on the same plot and table.
     both = analyze_prefix_length(run_dir, PrefixLengthConfig(prefix_lens=[8, 32], max_seqs=EVAL_SEQS, device="cpu"),

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..io import atomic_open, atomic_write_json, atomic_write_text
+from ..mixture.layout import ANALYSIS_DIR
 
-ANALYSIS_DIR = "analysis"
 
 
 def analysis_dir(run_dir: str | Path, name: str) -> Path:
@@ -79,12 +79,3 @@ def write_analysis(run_dir: str | Path, name: str, title: str, result: dict, tab
         section += [f"![{name}]({ANALYSIS_DIR}/{name}/{name}.png)", ""]
     atomic_write_text(paths["section"], "\n".join(section))
     return paths
-
-
-def collect_sections(run_dir: str | Path) -> str:
-    """All ``analysis/*/section.md`` of a run, in name order, joined (for the run report)."""
-    root = Path(run_dir) / ANALYSIS_DIR
-    if not root.is_dir():
-        return ""
-    parts = [p.read_text(encoding="utf-8").strip() for p in sorted(root.glob("*/section.md"))]
-    return "\n\n".join(parts) + ("\n" if parts else "")

@@ -20,12 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+ANALYSIS_DIR = "analysis"
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
 
     def __init__(self, root: str | Path):
         object.__setattr__(self, "root", Path(root))
+
+    @property
+    def analysis(self) -> Path:
+        """``smalltalk analyze`` outputs: one folder per analysis, each with its report ``section.md``."""
+        return self.root / ANALYSIS_DIR
+
+    def analysis_sections(self) -> str:
+        """All ``analysis/*/section.md``, in name order, joined (for the run report)."""
+        if not self.analysis.is_dir():
+            return ""
+        parts = [p.read_text(encoding="utf-8").strip() for p in sorted(self.analysis.glob("*/section.md"))]
+        return "\n\n".join(parts) + ("\n" if parts else "")
 
     @property
     def config(self) -> Path:

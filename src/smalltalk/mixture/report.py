@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..analysis.output import collect_sections
 from ..io import atomic_write_text, read_json
 from .costs import RunCosts, costs_markdown
+from .layout import RunLayout
 from .plots import plot_per_expert, plot_ppl_vs_flops, plot_prefix_sweep
 
 
@@ -163,7 +163,7 @@ def write_report(run_dir: Path, results: dict) -> Path:
     plots = make_plots(results, run_dir / "plots")
     path = run_dir / "report.md"
     text = render(results, plots, base=run_dir)
-    analyses = collect_sections(run_dir)  # `smalltalk analyze` sections, in name order
+    analyses = RunLayout(run_dir).analysis_sections()  # `smalltalk analyze` sections, in name order
     if analyses:
         text = text.rstrip("\n") + "\n\n" + analyses
     if path.is_file():
