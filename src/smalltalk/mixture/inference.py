@@ -200,11 +200,12 @@ class Mixture:
         hint = f"re-train {what} and rebuild the bundle (`smalltalk run` redoes missing stages)"
         if not weights.is_file():
             raise SmallTalkError(f"bundle {root}: {what} is missing ({weights} not found); {hint}")
-        if self.verify and sha and sha256_file(weights) != sha:
+        digest = sha256_file(weights) if self.verify else None  # hashed once: bundle.json and config.json
+        if sha and digest and digest != sha:
             raise SmallTalkError(f"bundle {root}: {what} is corrupt ({weights} does not match the sha256 in "
                                  f"bundle.json); {hint}")
         try:
-            model, _ = load_model_dir(directory, device=self.device)
+            model, _ = load_model_dir(directory, device=self.device, verify=self.verify, weights_sha256=digest)
         except SmallTalkError as err:
             raise SmallTalkError(f"bundle {root}: {what} cannot be loaded: {err}") from None
         return model

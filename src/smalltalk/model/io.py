@@ -137,13 +137,15 @@ def read_model_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[s
     return ModelConfig.from_dict(config_json["model"]), config_json
 
 
-def verify_model_dir(directory: str | os.PathLike, config_json: dict | None = None) -> None:
+def verify_model_dir(directory: str | os.PathLike, config_json: dict | None = None,
+                     weights_sha256: str | None = None) -> None:
     """Check the weights and tokenizer files against the sha256 recorded in config.json when the directory
-    was written (directories written before checksums were recorded are not checked)."""
+    was written (directories written before checksums were recorded are not checked). `weights_sha256`: the
+    weights file's digest when the caller has already computed it (it is not hashed twice)."""
     directory = Path(directory)
     config_json = config_json if config_json is not None else read_model_config(directory)[1]
     weights, recorded = directory / WEIGHTS_FILE, config_json.get("weights_sha256")
-    if recorded and weights.is_file() and sha256_file(weights) != recorded:
+    if recorded and weights.is_file() and (weights_sha256 or sha256_file(weights)) != recorded:
         raise SmallTalkError(f"{weights}: corrupt or truncated, its sha256 differs from the one recorded in {CONFIG_FILE} when it "
                              "was written; restore the file or re-train this model")
     tokenizer, recorded = directory / TOKENIZER_FILE, config_json.get("tokenizer_sha256")
@@ -161,14 +163,15 @@ def check_finite(model: torch.nn.Module, where: str | os.PathLike) -> None:
                                  "file was overwritten; re-train it")
 
 
-def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                   verify: bool = True) -> tuple[Transformer, dict]:
+def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True,
+                   weights_sha256: str | None = None) -> tuple[Transformer, dict]:
     """Load a model directory -> (Transformer in eval mode on `device`, config.json dict). With `verify`, the
-    files must match their recorded checksums and every weight must be finite."""
+    files must match their recorded checksums and every weight must be finite (`weights_sha256`: the weights'
+    digest if the caller already has it)."""
     directory = Path(directory)
     cfg, config_json = read_model_config(directory)
     if verify:
-        verify_model_dir(directory, config_json)
+        verify_model_dir(directory, config_json, weights_sha256)
     model = Transformer(cfg)
     load_weights(directory / WEIGHTS_FILE, model)
     if verify:
