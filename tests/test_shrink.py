@@ -70,3 +70,22 @@ def test_existing_out_is_refused(run_dir, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert main(["shrink", str(run_dir / "bundle"), "--drop", "1", "--out", str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_corrupt_bundle_is_refused_by_shrink_and_grow(run_dir, tmp_path):
+    import shutil
+
+    from smalltalk.mixture.grow import GrowConfig, grow_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run_dir / "bundle", bundle)
+    weights = bundle / "experts" / "expert_2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-50:] = b"\x00" * 50
+    weights.unlink()  # a hard link to the run's file: write a new one
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SmallTalkError, match=r"expert 2: .*corrupt"):
+        shrink_bundle(bundle, [0], tmp_path / "s")
+    with pytest.raises(SmallTalkError, match=r"expert 2: .*corrupt"):
+        grow_bundle(bundle, [str(tmp_path)], tmp_path / "g", GrowConfig())
+    assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()

@@ -77,12 +77,27 @@ class BundleInfo:
     fallback_expert: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
-    def expert_problem(self, e: int) -> str | None:
-        """Why expert `e` cannot be loaded, judged from the files alone (None when it looks fine)."""
-        return _model_dir_problem(self.experts[e].dir)
+    def expert_problem(self, e: int, verify: bool = False) -> str | None:
+        """Why expert `e` cannot be loaded, judged from the files (None when it looks fine); with `verify` its
+        weights are also checked against their sha256 in bundle.json."""
+        return _entry_problem(self.experts[e], verify)
 
     def router_problems(self) -> list[str]:
         return [p for r in self.routers if (p := _model_dir_problem(r.dir))]
+
+    def damaged(self) -> list[str]:
+        """Every router and expert whose files are missing or whose weights do not match their sha256 in
+        bundle.json (reads every weights file: for growing and shrinking, not for each request)."""
+        return [f"{kind} {x.index}: {problem}" for kind, entries in (("router", self.routers), ("expert", self.experts))
+                for x in entries if (problem := _entry_problem(x, verify=True))]
+
+
+def _entry_problem(entry: ModelEntry, verify: bool) -> str | None:
+    problem = _model_dir_problem(entry.dir)
+    if problem is None and verify and entry.weights_sha256 and \
+            sha256_file(entry.dir / WEIGHTS_FILE) != entry.weights_sha256:
+        problem = f"{entry.dir / WEIGHTS_FILE}: corrupt (sha256 differs from bundle.json)"
+    return problem
 
 
 def _model_dir_problem(directory: Path) -> str | None:

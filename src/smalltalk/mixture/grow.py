@@ -33,7 +33,7 @@ from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 from ..io import atomic_write_json, read_json
 from ..model.flops import training_flops_per_step
-from ..model.io import WEIGHTS_FILE, load_weights, read_model_config, sha256_file
+from ..model.io import WEIGHTS_FILE, load_weights, read_model_config
 from .bundle import build_bundle, read_bundle
 
 
@@ -63,17 +63,6 @@ class GrowConfig(DictConfig):
                 raise SmallTalkError(f"grow config: {key}={getattr(self, key)} must be >= 0")
         if self.min_train_seqs < 1:
             raise SmallTalkError(f"grow config: min_train_seqs={self.min_train_seqs} must be >= 1")
-
-
-def _verify(info) -> None:
-    for kind, entries in (("router", info.routers), ("expert", info.experts)):
-        for x in entries:
-            weights = x.dir / WEIGHTS_FILE
-            if not weights.is_file():
-                raise SmallTalkError(f"bundle {info.root}: {kind} {x.index} is missing ({weights}); repair it first")
-            if x.weights_sha256 and sha256_file(weights) != x.weights_sha256:
-                raise SmallTalkError(f"bundle {info.root}: {kind} {x.index} is corrupt ({weights} does not match "
-                                     "bundle.json); repair the bundle before growing it")
 
 
 def _new_data(info, sources: Sequence[str], work: Path, cfg: GrowConfig):
@@ -124,7 +113,9 @@ def grow_bundle(bundle: str | Path, sources: Sequence[str], out: str | Path, cfg
         raise SmallTalkError(f"--out {out}: already exists; give a new directory (the original bundle is untouched)")
     if cfg.branch_from is not None and not 0 <= cfg.branch_from < info.num_experts:
         raise SmallTalkError(f"branch_from={cfg.branch_from}: the bundle has experts 0..{info.num_experts - 1}")
-    _verify(info)
+    damaged = info.damaged()
+    if damaged:
+        raise SmallTalkError(f"bundle {info.root}: {damaged[0]}; repair the bundle before growing it")
     run_cfg = read_json(info.root / "run_config.json") if (info.root / "run_config.json").is_file() else None
     if run_cfg is None and not (cfg.router_steps and cfg.expert_steps and cfg.expert_batch_size):
         raise SmallTalkError(f"{info.root}: no run_config.json to take the training settings from; give "

@@ -215,10 +215,7 @@ class Mixture:
         sha256 in bundle.json), whether it is loaded. Reads no weights into memory."""
         out = []
         for x in self.info.experts:
-            problem = self.info.expert_problem(x.index)
-            if problem is None and verify and x.weights_sha256 and \
-                    sha256_file(x.dir / WEIGHTS_FILE) != x.weights_sha256:
-                problem = f"{x.dir / WEIGHTS_FILE}: corrupt (sha256 differs from bundle.json)"
+            problem = self.info.expert_problem(x.index, verify)
             out.append({"expert": x.index, "dir": str(x.dir), "train_share": x.train_share, "problem": problem,
                         "loaded": x.index in self._experts})
         return out

@@ -44,9 +44,9 @@ def shrink_bundle(bundle: str | Path, drop: Sequence[int], out: str | Path) -> B
     out = Path(out)
     if out.exists():
         raise SmallTalkError(f"--out {out}: already exists; give a new directory (the original bundle is untouched)")
-    problems = info.router_problems() + [p for e in range(info.num_experts) if (p := info.expert_problem(e))]
-    if problems:
-        raise SmallTalkError(f"bundle {info.root}: {problems[0]}; repair the bundle before shrinking it")
+    damaged = info.damaged()
+    if damaged:
+        raise SmallTalkError(f"bundle {info.root}: {damaged[0]}; repair the bundle before shrinking it")
     keep = [e for e in range(info.num_experts) if e not in drop]
     new = build_bundle(out, router_dirs=[info.routers[e].dir for e in keep],
                        expert_dirs=[info.experts[e].dir for e in keep], tokenizer_file=info.tokenizer_file,
