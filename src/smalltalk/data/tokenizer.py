@@ -113,6 +113,16 @@ class TextTokenizer:
         tokens = np.insert(flat, np.cumsum(lengths)[eos], self.eos_id).astype(dtype, copy=False)
         return tokens, lengths + eos
 
+    def spelling(self, token_id: int) -> str:
+        """The vocabulary entry of one token id (special tokens by their name, e.g. "<eos>")."""
+        return self._tok.id_to_token(int(token_id))
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` when it is exactly a special token's spelling, else None (text in documents never
+        becomes a control token; this answers clients that look a special token up by name)."""
+        token_id = self._tok.token_to_id(text)
+        return token_id if token_id in self.special_ids else None
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens (pad/bos/eos) are dropped by id unless `skip_special_tokens` is False."""
         ids = [int(i) for i in ids]

@@ -326,7 +326,7 @@ class Server:
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise APIError(400, "prompt: give the text to tokenize as a string", param="prompt")
         tok, text = self.served.tokenizer, body["prompt"]
-        special = tok._tok.token_to_id(text) if text in _special_spellings(tok) else None
+        special = tok.special_token_id(text)
         ids = [special] if special is not None else tok.encode(text)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.served.max_len}
 
@@ -334,10 +334,7 @@ class Server:
         tokens = body.get("tokens") if isinstance(body, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise APIError(400, "tokens: give a list of token ids", param="tokens")
-        return {"prompt": self.prompt_text(self.prompt_ids(0, tokens))}
-
-    def prompt_text(self, ids: list[int]) -> str:
-        return decode(self.served.tokenizer, ids)
+        return {"prompt": decode(self.served.tokenizer, self.prompt_ids(0, tokens))}
 
     def models(self) -> dict:
         s, created = self.served, int(time.time())
@@ -356,10 +353,6 @@ class Server:
         return {"status": "ok", "model": s.name, "kind": "mixture" if s.is_mixture else "model",
                 "experts": s.num_experts, "remote_experts": {str(k): x.url for k, x in s.remote.items()},
                 "active_requests": self.active, "queue_depth": self.engine.depth}
-
-
-def _special_spellings(tok) -> set[str]:
-    return {t.content for t in tok._tok.get_added_tokens_decoder().values() if t.special}
 
 
 def _remote_piece(choice: dict, completion_tokens: int | None) -> Piece:
@@ -450,7 +443,7 @@ def create_app(cfg: ServeConfig, served: ServedModels | None = None) -> FastAPI:
     @app.get("/tokenizer_info", dependencies=auth)
     async def tokenizer_info():
         tok = server.served.tokenizer
-        eos = tok._tok.id_to_token(tok.eos_id)
+        eos = tok.spelling(tok.eos_id)
         # No BOS: documents were packed after EOS, so EOS is the start-of-text context (lm-eval uses it).
         return {"eos_token": eos, "bos_token": None, "pad_token": eos, "model_max_length": server.served.max_len,
                 "tokenizer_class": "smalltalk", "chat_template": CHAT_TEMPLATE}
