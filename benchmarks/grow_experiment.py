@@ -1,17 +1,21 @@
 """Growing a mixture for a domain it never saw (issue: grow and shrink a trained mixture).
 
 1. A run of the preset on every corpus domain but the held-out one (mixture and its dense baseline).
-2. `grow_bundle` with the held-out domain's training text: one new router, one new expert (E + 1).
+2. `grow_bundle` with the held-out domain's training text: one new router, one new expert (E + 1), the
+   expert trained from scratch and, separately, branched from the nearest old expert (same steps, so the
+   same training FLOPs: which start is better per FLOP).
 3. The dense baseline continued on the same text with the same extra training FLOPs (the fair comparison).
 4. Scored on the held-out domain's test split and on the old domains' test splits (`evaluate_text`,
    sequences packed per domain): the grown mixture should beat the original mixture and both dense models
-   on the new domain, and change the old domains' perplexity by at most 1%.
+   on the new domain, and change the old domains' perplexity by at most 1%. Where each side's sequences are
+   routed shows how the independently trained routers' scores compare (calibration).
 
     python benchmarks/grow_experiment.py --preset cpu --hold-out novels_de --hold-out code_python
     python benchmarks/grow_experiment.py --smoke --hold-out novels_de      # minutes: the mechanics only
 
 Every stage resumes (runs, grown bundles and the continued dense model live under --runs-dir). Writes
-benchmarks/results/grow_experiment[_smoke].{json,md}.
+benchmarks/results/grow_experiment[_smoke].{json,md}; a held-out domain's row replaces the one already there,
+so domains can be run in separate calls.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from smalltalk.mixture.text_eval import evaluate_text
 from smalltalk.paths import default_corpus_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SMOKE_SEQS = 256
 SMOKE = {"preset": "tiny", "num_experts": 2, "prefix_len": 16, "valid_seqs": 64,
          "data": {"max_bytes_per_file": 30_000, "num_workers": 1},
          "routers": {"iterations": 2, "steps_per_iteration": 4, "batch_size": 8, "heldout_seqs": 16},
@@ -71,35 +76,89 @@ def one_domain(args, held: str, corpus: Path) -> dict:
         run_preset(args.preset, name=name, domains=kept)
     run = args.runs_dir / name
     run_pipeline(cfg, run, log=lambda m: print(m, file=sys.stderr))
-    grown = run / f"grown-{held}"
     new_text = [str(corpus / "train" / f"{held}.jsonl.gz")]
-    if not (grown / "bundle.json").is_file():
-        small = GrowConfig(router_steps=8, expert_steps=6, expert_batch_size=4, device="cpu") if args.smoke else GrowConfig()
-        grow_bundle(run / "bundle", new_text, grown,
-                    small.replace(max_bytes_per_file=cfg.data.max_bytes_per_file))
+    small = GrowConfig(router_steps=8, expert_steps=6, expert_batch_size=4, device="cpu") if args.smoke else GrowConfig()
+    grown, branched = run / f"grown-{held}", run / f"grown-nearest-{held}"
+    for out, start in ((grown, None), (branched, "nearest")):
+        if not (out / "bundle.json").is_file():
+            grow_bundle(run / "bundle", new_text, out,
+                        small.replace(max_bytes_per_file=cfg.data.max_bytes_per_file, branch_from=start))
     lineage = read_json(grown / "lineage.json")
     extra = lineage["training_flops"]["grow"]
     dense_plus = continued_dense(run, Path(lineage["data_dir"]), extra, run / f"dense-plus-{held}")
     new_test = [str(corpus / "test" / f"{held}.jsonl.gz")]
     old_test = [str(corpus / "test" / f"{d}.jsonl.gz") for d in kept]
-    limit = 256 if args.smoke else args.max_seqs
+    limit = SMOKE_SEQS if args.smoke else args.max_seqs
 
     def score(model, sources, dense=None):
         return evaluate_text(model, sources, dense=dense, max_seqs=limit, progress=False, device="cpu")
 
-    new = {"original": score(run / "bundle", new_test, run / "dense" / "model"),
-           "grown": score(grown, new_test), "dense_plus": score(dense_plus, new_test)}
-    old = {"original": score(run / "bundle", old_test, run / "dense" / "model"), "grown": score(grown, old_test)}
+    new = {"original": score(run / "bundle", new_test, run / "dense" / "model"), "grown": score(grown, new_test),
+           "branched": score(branched, new_test), "dense_plus": score(dense_plus, new_test)}
+    old = {"original": score(run / "bundle", old_test, run / "dense" / "model"), "grown": score(grown, old_test),
+           "branched": score(branched, old_test)}
+    E = lineage["added_expert"]
+
+    def new_share(result):  # fraction of the scored sequences that the added expert gets
+        counts = {int(k): v for k, v in result["total"].get("experts", {}).items()}  # int keys, str after JSON
+        return counts.get(E, 0) / result["total"]["num_seqs"]
+
+    def change(key):
+        return 100 * (old[key]["total"]["ppl"] / old["original"]["total"]["ppl"] - 1)
+
     return {"held_out": held, "run": name, "lineage": lineage,
+            "branched_lineage": read_json(branched / "lineage.json"),
             "new_domain": {"original_mixture": new["original"]["total"]["ppl"],
                            "dense": new["original"]["total"]["dense_ppl"],
                            "grown_mixture": new["grown"]["total"]["ppl"],
+                           "grown_branched": new["branched"]["total"]["ppl"],
                            "dense_plus_same_extra_flops": new["dense_plus"]["total"]["ppl"],
-                           "grown_routing": new["grown"]["total"].get("experts"), "num_seqs": new["grown"]["total"]["num_seqs"]},
-            "old_domains": {"original_mixture": old["original"]["total"]["ppl"], "dense": old["original"]["total"]["dense_ppl"],
+                           "grown_routing": new["grown"]["total"].get("experts"),
+                           "new_expert_share": new_share(new["grown"]),
+                           "new_expert_share_branched": new_share(new["branched"]),
+                           "original_routing": new["original"]["total"].get("experts"),
+                           "num_seqs": new["grown"]["total"]["num_seqs"]},
+            "old_domains": {"original_mixture": old["original"]["total"]["ppl"],
+                            "dense": old["original"]["total"]["dense_ppl"],
                             "grown_mixture": old["grown"]["total"]["ppl"],
-                            "change_pct": 100 * (old["grown"]["total"]["ppl"] / old["original"]["total"]["ppl"] - 1),
-                            "grown_routing": old["grown"]["total"].get("experts"), "num_seqs": old["grown"]["total"]["num_seqs"]}}
+                            "grown_branched": old["branched"]["total"]["ppl"],
+                            "change_pct": change("grown"), "change_pct_branched": change("branched"),
+                            "grown_routing": old["grown"]["total"].get("experts"),
+                            "new_expert_share": new_share(old["grown"]),
+                            "new_expert_share_branched": new_share(old["branched"]),
+                            "num_seqs": old["grown"]["total"]["num_seqs"]}}
+
+
+def to_markdown(report: dict) -> str:
+    md = [f"# Growing a mixture for a held-out domain (`{report['preset']}`)", "",
+          "Test perplexity on the held-out domain (new) and on the other domains (old); the grown mixtures' new "
+          "expert is trained from scratch or branched from the nearest old expert with the same steps (same FLOPs).",
+          "", "| held out | new: original mixture | dense | dense + same extra FLOPs | grown (scratch) | "
+          "grown (branched from) | old: original | grown (scratch) | grown (branched) | grow FLOPs / retrain E+1 |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        n, o = r["new_domain"], r["old_domains"]
+        md.append(f"| {r['held_out']} | {n['original_mixture']:.2f} | {n['dense']:.2f} | "
+                  f"{n['dense_plus_same_extra_flops']:.2f} | **{n['grown_mixture']:.2f}** | {n['grown_branched']:.2f} "
+                  f"(expert {r['branched_lineage']['branch_from']}) | {o['original_mixture']:.2f} | "
+                  f"{o['grown_mixture']:.2f} ({o['change_pct']:+.2f}%) | {o['grown_branched']:.2f} "
+                  f"({o['change_pct_branched']:+.2f}%) | {100 * r['lineage']['training_flops']['grow_over_retrain']:.1f}% |")
+    md += ["", "Calibration: the share of each side's test sequences that the new router claims (the new domain "
+           "should go to it, the old domains should not).", "",
+           "| held out | new domain -> new expert (scratch / branched) | old domains -> new expert | sequences new / old |",
+           "|---|---|---|---|"]
+    for r in report["rows"]:
+        n, o = r["new_domain"], r["old_domains"]
+        md.append(f"| {r['held_out']} | {100 * n['new_expert_share']:.1f}% / {100 * n['new_expert_share_branched']:.1f}% "
+                  f"| {100 * o['new_expert_share']:.2f}% / {100 * o['new_expert_share_branched']:.2f}% | "
+                  f"{n['num_seqs']:,} / {o['num_seqs']:,} |")
+    limit = f"the first {report['max_seqs']:,}" if report["max_seqs"] else "all the"
+    md += ["", f"Sequences: {limit} test sequences of each side, packed per domain file and taken in file-name "
+           "order (so the first old domains weigh most). Grown: the base run's router and expert settings, on the "
+           "held-out domain's training text read as the base run reads each file. \"dense + same extra FLOPs\": "
+           "the base run's dense model trained further on the same text with the grow's training FLOPs. One seed. "
+           f"Machine: {report['machine']}."]
+    return "\n".join(md) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,23 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     corpus = default_corpus_dir()
-    rows = [one_domain(args, held, corpus) for held in args.hold_out]
-    report = {"benchmark": "grow_experiment", "preset": "smoke" if args.smoke else args.preset, "rows": rows,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"}
+    preset = "smoke" if args.smoke else args.preset
     stem = "grow_experiment_smoke" if args.smoke else "grow_experiment"
+    path = args.results / f"{stem}.json"
+    earlier = read_json(path)["rows"] if path.is_file() and read_json(path).get("preset") == preset else []
+    rows = {r["held_out"]: r for r in earlier}
+    for held in args.hold_out:
+        rows[held] = one_domain(args, held, corpus)
+    report = {"benchmark": "grow_experiment", "preset": preset, "rows": list(rows.values()),
+              "max_seqs": SMOKE_SEQS if args.smoke else args.max_seqs,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"}
     args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results / f"{stem}.json", report)
-    md = [f"# Growing a mixture for a held-out domain (`{report['preset']}`)", "",
-          "| held out | new domain: original mixture | dense | dense + same extra FLOPs | grown mixture | "
-          "old domains: original -> grown | change | grow FLOPs / retrain E+1 |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        n, o = r["new_domain"], r["old_domains"]
-        md.append(f"| {r['held_out']} | {n['original_mixture']:.2f} | {n['dense']:.2f} | "
-                  f"{n['dense_plus_same_extra_flops']:.2f} | {n['grown_mixture']:.2f} | {o['original_mixture']:.2f} -> "
-                  f"{o['grown_mixture']:.2f} | {o['change_pct']:+.2f}% | "
-                  f"{100 * r['lineage']['training_flops']['grow_over_retrain']:.1f}% |")
-    atomic_write_text(args.results / f"{stem}.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    atomic_write_json(path, report)
+    md = to_markdown(report)
+    atomic_write_text(args.results / f"{stem}.md", md)
+    print(md)
     return 0
 
 

@@ -60,8 +60,39 @@ def test_grow_adds_one_router_and_expert_and_changes_nothing_else(run_dir, new_t
 def test_branching_from_an_expert_and_the_cli(run_dir, new_text, tmp_path, capsys):
     assert main(["grow", str(run_dir), "--data", str(new_text), "--out", str(tmp_path / "g"), "--branch-from", "1",
                  "--router-steps", "10", "--expert-steps", "4", "--expert-batch-size", "4", "--device", "cpu"]) == 0
-    assert "% of retraining 5 experts from scratch" in capsys.readouterr().out
-    assert json.loads((tmp_path / "g" / "lineage.json").read_text())["branch_from"] == 1
+    out = capsys.readouterr().out
+    assert "% of retraining 5 experts from scratch" in out and "branched from expert 1" in out
+    lineage = json.loads((tmp_path / "g" / "lineage.json").read_text())
+    assert lineage["branch_from"] == 1
+    # The new data's held-out split, routed by the grown bundle: every sequence counted once.
+    routing = lineage["new_data_routing"]
+    assert len(routing["per_expert"]) == 5 and routing["new_expert_share"] == routing["per_expert"][4] / sum(
+        routing["per_expert"])
+
+
+def test_branching_from_the_nearest_expert_picks_the_router_that_claims_the_new_data(run_dir, new_text, tmp_path):
+    import numpy as np
+
+    from smalltalk.data.splits import load_split
+    from smalltalk.model.io import WEIGHTS_FILE, load_model_dir
+    from smalltalk.routing.rule import route
+    from smalltalk.routing.score import score_dataset
+
+    cfg = FAST.replace(branch_from="nearest", expert_steps=1, router_steps=2)
+    result = grow_bundle(run_dir / "bundle", [str(new_text)], tmp_path / "g", cfg)
+    # The old routers' own argmax over the new training data, counted here independently.
+    train = load_split(result["data_dir"], "train")
+    old = Mixture.load(run_dir / "bundle")
+    idx = np.linspace(0, len(train.dataset) - 1, min(1024, len(train.dataset))).round().astype(np.int64)
+    counts = np.bincount(route(score_dataset(old.routers, train.dataset, np.unique(idx), old.info.prefix_len)),
+                         minlength=4)
+    assert result["branch_from"] == int(counts.argmax())
+    # Branched: one step away from its parent, far from a fresh initialisation.
+    parent, _ = load_model_dir(old.info.experts[result["branch_from"]].dir)
+    child, _ = load_model_dir(tmp_path / "g" / "experts" / "expert_4")
+    diff = max((a - b).abs().max().item() for a, b in zip(parent.parameters(), child.parameters()))
+    assert 0 < diff < 0.05
+    assert result["training_flops"]["grow"] > 0 and (tmp_path / "g" / "experts" / "expert_4" / WEIGHTS_FILE).is_file()
 
 
 def test_bad_growth_is_refused_and_changes_nothing(run_dir, new_text, tmp_path, corpus_dir):
@@ -76,6 +107,8 @@ def test_bad_growth_is_refused_and_changes_nothing(run_dir, new_text, tmp_path, 
         grow_bundle(bundle, [str(small)], tmp_path / "x", FAST)
     with pytest.raises(SmallTalkError, match="branch_from=9"):
         grow_bundle(bundle, [str(new_text)], tmp_path / "y", GrowConfig(branch_from=9))
+    with pytest.raises(SmallTalkError, match="branch_from='closest' must be an expert index or 'nearest'"):
+        GrowConfig(branch_from="closest")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -92,5 +125,13 @@ def test_the_held_out_domain_experiment_runs_end_to_end_in_smoke_mode(tmp_path):
     row = json.loads((tmp_path / "grow_experiment_smoke.json").read_text())["rows"][0]
     assert row["held_out"] == "novels_de" and "novels_de" not in json.loads(
         (tmp_path / "runs" / "smoke-without-novels_de" / "run_config.json").read_text())["domains"]
-    assert set(row["new_domain"]) >= {"original_mixture", "grown_mixture", "dense", "dense_plus_same_extra_flops"}
+    assert set(row["new_domain"]) >= {"original_mixture", "grown_mixture", "grown_branched", "dense",
+                                      "dense_plus_same_extra_flops"}
     assert len(row["new_domain"]["grown_routing"]) >= 1
+    # Shares are read off the routing counts: the added expert is index E of the grown bundle.
+    E = row["lineage"]["added_expert"]
+    assert row["new_domain"]["new_expert_share"] == row["new_domain"]["grown_routing"].get(str(E), 0) / row[
+        "new_domain"]["num_seqs"]
+    assert 0 <= row["branched_lineage"]["branch_from"] < E
+    md = (tmp_path / "grow_experiment_smoke.md").read_text()
+    assert "| novels_de |" in md and "Calibration" in md

@@ -21,7 +21,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", nargs="+", required=True, metavar="SOURCE",
                    help="new text (files, folders, globs, hf:NAME) or a directory prepared with the bundle's tokenizer")
     p.add_argument("--out", type=Path, required=True, help="the new bundle directory (must not exist)")
-    p.add_argument("--branch-from", type=int, help="start the new expert from this expert (default: from scratch)")
+    p.add_argument("--branch-from", type=_expert_or_nearest, metavar="K|nearest",
+                   help="start the new expert from expert K, or from the one whose router claims most of the new "
+                        "data (default: from scratch)")
     p.add_argument("--router-steps", type=int, default=0, help="new router's steps (default: as the old routers)")
     p.add_argument("--expert-steps", type=int, default=0, help="new expert's steps (default: as the old experts)")
     p.add_argument("--expert-batch-size", type=int, default=0, help="new expert's batch (default: as the old ones)")
@@ -29,6 +31,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
+
+
+def _expert_or_nearest(value: str) -> int | str:
+    if value == "nearest":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give an expert index or 'nearest'") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
                      max_bytes_per_file=args.max_bytes_per_file, device=args.device)
     result = grow_bundle(bundle, args.data, args.out, cfg)
     flops = result["training_flops"]
-    print(f"wrote {result['bundle']}: {result['num_experts']} experts (expert {result['added_expert']} is new, "
-          f"{result['new_train_seqs']} training sequences); growing cost {flops['grow']:.3e} training FLOPs, "
+    routing = result["new_data_routing"]
+    parent = "" if result["branch_from"] is None else f", branched from expert {result['branch_from']}"
+    print(f"wrote {result['bundle']}: {result['num_experts']} experts (expert {result['added_expert']} is new{parent}, "
+          f"{result['new_train_seqs']} training sequences; it gets {100 * routing['new_expert_share']:.1f}% of the new "
+          f"data's {routing['split']} split); growing cost {flops['grow']:.3e} training FLOPs, "
           f"{100 * flops['grow_over_retrain']:.1f}% of retraining {result['num_experts']} experts from scratch")
     return 0

@@ -33,6 +33,13 @@ class SplitData:
         return self.num_bytes / self.dataset.num_tokens
 
 
+def split_sizes(data_dir: str | Path) -> dict[str, int]:
+    """{split: sequences} as ``<data_dir>/manifest.json`` lists them (train, valid, test, ... as prepared)."""
+    manifest = read_json(Path(data_dir) / "manifest.json")
+    splits = manifest.get("splits", {}) if isinstance(manifest, dict) else {}
+    return {name: int(info.get("num_seqs", 0)) for name, info in splits.items()}
+
+
 def load_split(data_dir: str | Path, split: str) -> SplitData:
     """Open ``<data_dir>/<split>`` with the facts of ``<data_dir>/manifest.json`` (written by `smalltalk prepare`)."""
     data_dir = Path(data_dir)

@@ -10,14 +10,17 @@
 2. One new router, of the same architecture as the others, is trained on the new data's prefixes with the
    Eq. 9 loss (the M-step of EM, on the new data only: there is nothing to re-assign).
 3. One new expert is trained on the new data: from scratch (the default) or branched from an existing
-   expert (`branch_from`, BTM-style), with the bundle's expert settings unless overridden.
+   expert (`branch_from`, BTM-style: an index, or "nearest" for the expert whose router claims most of the
+   new training data), with the bundle's expert settings unless overridden.
 4. A bundle of E + 1 experts is written to a new directory; the E old routers and experts are linked or
    copied byte for byte, so their files keep their hashes, and the original bundle is never modified.
 
 Routing stays an argmax over independent routers (Eq. 7): a new-data sequence that an old router explains
 better than the new one still goes to that old expert, and old traffic moves only where the new router
-explains it better than its old router does. `lineage.json` records the source bundle, the data and the
-training FLOPs of growing next to those of retraining a mixture of E + 1 from scratch.
+explains it better than its old router does. `lineage.json` records the source bundle, the data, how the
+grown mixture routes the new data's held-out split (the share an old router keeps is the measure of how
+well the independently trained routers' scores compare) and the training FLOPs of growing next to those of
+retraining a mixture of E + 1 from scratch.
 
 Work (prepared data, checkpoints) goes to ``<out>.grow-work`` beside `out` and resumes after an interruption.
 """
@@ -29,12 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 from ..io import atomic_write_json, read_json
-from ..model.flops import training_flops_per_step
+from ..model.flops import forward_flops, training_flops_per_step
 from ..model.io import WEIGHTS_FILE, load_weights, read_model_config
 from .bundle import build_bundle, read_bundle
+
+
+NEAREST = "nearest"
+ROUTING_SAMPLE = 1024
+"""New-data sequences routed to pick the nearest expert and to measure the grown mixture's routing."""
 
 
 @dataclass
@@ -47,8 +57,9 @@ class GrowConfig(DictConfig):
     """Steps of the new expert (0: the old experts' steps, from the bundle's run config)."""
     expert_batch_size: int = 0
     """Sequences per step of the new expert (0: the old experts')."""
-    branch_from: int | None = None
-    """Start the new expert from this expert's weights instead of a fresh initialisation."""
+    branch_from: int | str | None = None
+    """Start the new expert from this expert's weights instead of a fresh initialisation; "nearest": the
+    expert whose router claims most of the new training data."""
     seed: int = 0
     min_train_seqs: int = 64
     """Refuse new data with fewer training sequences than this."""
@@ -61,6 +72,9 @@ class GrowConfig(DictConfig):
         for key in ("router_steps", "expert_steps", "expert_batch_size", "seed"):
             if getattr(self, key) < 0:
                 raise SmallTalkError(f"grow config: {key}={getattr(self, key)} must be >= 0")
+        if isinstance(self.branch_from, str) and self.branch_from != NEAREST:
+            raise SmallTalkError(f"grow config: branch_from={self.branch_from!r} must be an expert index or "
+                                 f"{NEAREST!r}")
         if self.min_train_seqs < 1:
             raise SmallTalkError(f"grow config: min_train_seqs={self.min_train_seqs} must be >= 1")
 
@@ -95,6 +109,35 @@ def _new_data(info, sources: Sequence[str], work: Path, cfg: GrowConfig):
     return data_dir, train
 
 
+def _routed(bundle: Path, split, device: str) -> np.ndarray:
+    """(E,) how many of (up to ROUTING_SAMPLE evenly spaced) sequences of `split` each expert of `bundle` gets."""
+    from ..data.splits import evenly_spaced
+    from ..routing.rule import route
+    from ..routing.score import score_dataset
+    from .inference import Mixture
+
+    mixture = Mixture.load(bundle, device=device)
+    scores = score_dataset(mixture.routers, split.dataset, evenly_spaced(len(split.dataset), ROUTING_SAMPLE),
+                           mixture.info.prefix_len)
+    return np.bincount(route(scores), minlength=mixture.num_experts)
+
+
+def _nearest_expert(bundle: Path, train, device: str) -> int:
+    """The old expert whose router claims most of the new training data (ties: the lower index)."""
+    return int(_routed(bundle, train, device).argmax())
+
+
+def _routing_counts(bundle: Path, data_dir: Path, device: str) -> dict:
+    """How the grown bundle routes the new data's held-out split (valid, else test; train when the new
+    data was too small to hold any out)."""
+    from ..data.splits import load_split, split_sizes
+
+    have = split_sizes(data_dir)
+    split = next(s for s in ("valid", "test", "train") if have.get(s, 0) > 0)
+    counts = _routed(bundle, load_split(data_dir, split), device)
+    return {"split": split, "per_expert": counts.tolist(), "new_expert_share": float(counts[-1] / counts.sum())}
+
+
 def _too_little(sources: Sequence[str], have: int, seq_len: int, need: int) -> str:
     return (f"{', '.join(map(str, sources))}: {have} training sequences of {seq_len} tokens, fewer than the {need} a "
             f"new expert needs; give more text (at least ~{need * seq_len:,} tokens in the train split)")
@@ -111,7 +154,7 @@ def grow_bundle(bundle: str | Path, sources: Sequence[str], out: str | Path, cfg
     out = Path(out)
     if out.exists():
         raise SmallTalkError(f"--out {out}: already exists; give a new directory (the original bundle is untouched)")
-    if cfg.branch_from is not None and not 0 <= cfg.branch_from < info.num_experts:
+    if isinstance(cfg.branch_from, int) and not 0 <= cfg.branch_from < info.num_experts:
         raise SmallTalkError(f"branch_from={cfg.branch_from}: the bundle has experts 0..{info.num_experts - 1}")
     damaged = info.damaged()
     if damaged:
@@ -142,8 +185,9 @@ def grow_bundle(bundle: str | Path, sources: Sequence[str], out: str | Path, cfg
                                 device=cfg.device, eval_every=0, eval_batches=0, name=f"grown-expert-{E}")
     expert = Trainer(expert_cfg, expert_train, train, work / "expert", progress=None,
                      tokenizer_file=info.tokenizer_file)
-    if cfg.branch_from is not None and expert.step == 0:
-        load_weights(info.experts[cfg.branch_from].dir / WEIGHTS_FILE, expert.model)
+    parent = _nearest_expert(info.root, train, cfg.device) if cfg.branch_from == NEAREST else cfg.branch_from
+    if parent is not None and expert.step == 0:
+        load_weights(info.experts[parent].dir / WEIGHTS_FILE, expert.model)
     expert.train()
 
     old_seqs = [int(x.train_seqs or 1) for x in info.experts]
@@ -152,18 +196,24 @@ def grow_bundle(bundle: str | Path, sources: Sequence[str], out: str | Path, cfg
                        tokenizer_file=info.tokenizer_file, prefix_len=info.prefix_len,
                        train_seqs=old_seqs + [len(train.dataset)], run_config=run_cfg)
     S = info.seq_len - 1  # positions a training step runs on
+    # Scoring: picking the nearest parent runs the E old routers over ROUTING_SAMPLE new prefixes.
+    scored = min(ROUTING_SAMPLE, len(train.dataset)) if parent is not None and cfg.branch_from == NEAREST else 0
     grow_flops = (router_train.max_steps * training_flops_per_step(router_cfg, router_train.batch_size,
                                                                    info.prefix_len - 1)
-                  + expert_train.max_steps * training_flops_per_step(expert_cfg, expert_train.batch_size, S))
+                  + expert_train.max_steps * training_flops_per_step(expert_cfg, expert_train.batch_size, S)
+                  + (E * forward_flops(router_cfg, scored, info.prefix_len) if scored else 0))
     old_router_flops = em.total_steps * training_flops_per_step(router_cfg, em.batch_size, info.prefix_len - 1)
     old_expert_flops = base.max_steps * training_flops_per_step(expert_cfg, base.batch_size, S)
     retrain = (E + 1) * (old_router_flops + old_expert_flops)
     lineage = {"from": str(info.root.resolve()), "added_expert": E, "data": [str(s) for s in sources],
-               "data_dir": str(data_dir), "new_train_seqs": len(train.dataset), "branch_from": cfg.branch_from,
-               "config": dataclasses.asdict(cfg),
+               "data_dir": str(data_dir), "new_train_seqs": len(train.dataset), "branch_from": parent,
+               "config": dataclasses.asdict(cfg), "new_data_routing": _routing_counts(out, data_dir, cfg.device),
                "training_flops": {"grow": grow_flops, "retrain_e_plus_1_from_scratch": retrain,
                                   "grow_over_retrain": grow_flops / retrain if retrain else None,
-                                  "note": "retraining counts the router M-steps and expert steps of E + 1 models; "
-                                          "EM and sharding scoring are left out of both"}}
+                                  "note": "growing counts the new router and expert steps and the routers' "
+                                          "scoring of new prefixes for --branch-from nearest; retraining counts "
+                                          "the router M-steps and "
+                                          "expert steps of E + 1 models without EM's and sharding's scoring, so "
+                                          "it is a lower bound"}}
     atomic_write_json(out / "lineage.json", lineage)
     return {"bundle": str(new.root), "num_experts": new.num_experts, **lineage}
