@@ -149,7 +149,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_caches: list | None = None, start_pos: int = 0,
-                attention_mask: torch.Tensor | None = None, last_only: bool = False):
+                attention_mask: torch.Tensor | None = None, last_only: bool = False, return_hidden: bool = False):
         """idx (B, T) token ids -> logits (B, T, V).
 
         With `targets` (B, T) returns (logits, mean cross-entropy over targets != -100).
@@ -159,10 +159,14 @@ class Transformer(nn.Module):
         left-padded prompts run together (batched generation); without it every token is real.
         `last_only` returns logits (B, 1, V) for the last position only (all that sampling needs;
         saves the (T, H) x (H, V) output projection of a prefill).
+        `return_hidden` returns the final-LayerNorm hidden states (B, T, H) instead of logits, for callers
+        that apply the output head themselves (the routers' chunked scoring in routing/score.py).
         """
         B, T = idx.shape
         if last_only and targets is not None:
             raise ValueError("last_only=True drops the logits the loss needs; pass one or the other")
+        if return_hidden and (targets is not None or kv_caches is not None):
+            raise ValueError("return_hidden=True returns hidden states only: no loss, no caches")
         if start_pos + T > self.config.max_seq_len:
             raise SmallTalkError(f"sequence of {start_pos + T} tokens is longer than the model's context "
                                  f"({self.config.max_seq_len}); truncate the input or use a longer-context model")
@@ -176,7 +180,10 @@ class Transformer(nn.Module):
             new_caches.append(cache)
         if last_only:
             x = x[:, -1:]
-        logits = self.embed_out(self.final_layer_norm(x))  # (B, T, V)
+        x = self.final_layer_norm(x)
+        if return_hidden:
+            return x
+        logits = self.embed_out(x)  # (B, T, V)
         if kv_caches is not None:
             return logits, new_caches
         if targets is None:

@@ -3,12 +3,10 @@
 The score of sequence x under router e is ``log p(x_{1:M} | theta^{r,e}) = sum_{s=1}^{M-1} log p(x_{s+1} | x_{1:s})``
 (the negative of Eq. 9), and routing takes the argmax over e (Eq. 7, uniform expert priors).
 
-All E routers run in one batched computation: their weights are stacked along a leading expert
-dimension and every linear layer becomes one ``bmm`` over (E, rows, in) x (E, in, out); attention folds
-E into the batch of a single SDPA call. This replaces E small forward passes (one per router) by one
-pass of E-times-larger kernels. The forward here mirrors ``model.transformer.Transformer`` op for op
-(pre-LN blocks, fused QKV viewed per head, rotary, causal SDPA, GELU MLP, tied head); a test checks it
-against a plain loop over the routers so the two cannot drift apart.
+All E routers run in one batched computation: their parameters are stacked along a leading expert
+dimension (`torch.func.stack_module_state`) and the one `Transformer` forward is evaluated for all E
+parameter sets with `vmap`, so every linear layer becomes one batched matmul and no second copy of the
+forward pass exists. A test checks the result against a plain loop over the routers.
 
 The output head (H x V per router) dominates the FLOPs of a small router, and its logits are by far
 the largest tensor (E x rows x V); rows are processed in chunks so that tensor stays cache-sized and
@@ -17,15 +15,17 @@ memory stays bounded no matter how many sequences are scored.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
 
 from ..errors import SmallTalkError
 from ..model.config import ModelConfig
-from ..model.transformer import Transformer, apply_rotary
+from ..model.transformer import Transformer
 from . import rule
 
 # Bytes allowed for one chunk of head logits (E, rows, V) in fp32: large enough for efficient bmm,
@@ -41,10 +41,7 @@ def check_prefix_len(prefix_len: int, seq_len: int, max_seq_len: int | None = No
 
 
 class StackedRouters:
-    """The weights of E routers with the same config, stacked for one batched forward.
-
-    Linear weights are stored pre-transposed as (E, in, out) so each layer is one ``baddbmm``.
-    """
+    """The parameters of E routers with the same config, stacked for one batched (vmapped) forward."""
 
     def __init__(self, models: Sequence[Transformer], device: str | torch.device | None = None):
         if len(models) == 0:
@@ -56,61 +53,28 @@ class StackedRouters:
         self.num_routers = len(models)
         device = torch.device(device) if device is not None else next(models[0].parameters()).device
         self.device = device
-        states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
-
-        def stack(key: str, transpose: bool = False) -> torch.Tensor:
-            t = torch.stack([s[key] for s in states]).to(device=device, dtype=torch.float32)
-            return t.transpose(-1, -2).contiguous() if transpose else t.contiguous()
-
-        self.embed = stack("embed_in.weight")  # (E, V, H)
+        params, _ = stack_module_state(list(models))  # {name: (E, ...)}; a tied head appears once
+        self.params = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in params.items()}
         head_key = "embed_in.weight" if self.config.tie_embeddings else "embed_out.weight"
-        self.head_t = stack(head_key, transpose=True)  # (E, H, V)
-        self.final_ln = (stack("final_layer_norm.weight"), stack("final_layer_norm.bias"))  # (E, H) each
-        self.layers = []
-        for i in range(self.config.num_layers):
-            p = f"layers.{i}."
-            self.layers.append({
-                "ln1": (stack(p + "input_layernorm.weight"), stack(p + "input_layernorm.bias")),
-                "qkv": (stack(p + "attention.query_key_value.weight", True),
-                        stack(p + "attention.query_key_value.bias")),
-                "out": (stack(p + "attention.dense.weight", True), stack(p + "attention.dense.bias")),
-                "ln2": (stack(p + "post_attention_layernorm.weight"), stack(p + "post_attention_layernorm.bias")),
-                "up": (stack(p + "mlp.dense_h_to_4h.weight", True), stack(p + "mlp.dense_h_to_4h.bias")),
-                "down": (stack(p + "mlp.dense_4h_to_h.weight", True), stack(p + "mlp.dense_4h_to_h.bias")),
-            })
-        self.rope_cos = models[0].rope_cos.to(device=device, dtype=torch.float32)
-        self.rope_sin = models[0].rope_sin.to(device=device, dtype=torch.float32)
-
-    def _layer_norm(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x (E, R, H); per-router affine (E, H)."""
-        x = F.layer_norm(x, (x.shape[-1],), eps=self.config.layer_norm_eps)
-        return torch.addcmul(wb[1][:, None, :], x, wb[0][:, None, :])
-
-    @staticmethod
-    def _linear(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x (E, R, in) @ (E, in, out) + (E, out) -> (E, R, out)."""
-        return torch.baddbmm(wb[1][:, None, :], x, wb[0])
+        self.head_t = self.params[head_key].transpose(-1, -2).contiguous()  # (E, H, V)
+        self.buffers = {k: v.to(device=device, dtype=torch.float32) for k, v in models[0].named_buffers()}
+        with torch.device("meta"):  # the architecture only: the weights are the stacked params
+            self._base = Transformer(self.config).eval()
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) -> final-LayerNorm hidden states (E, B, T, H) of every router."""
-        cfg = self.config
-        B, T = idx.shape
-        E, H, A, D = self.num_routers, cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        if T > cfg.max_seq_len:
-            raise SmallTalkError(f"prefix of {T} tokens is longer than the routers' context ({cfg.max_seq_len})")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = self.embed[:, idx.reshape(-1)]  # (E, B*T, H)
-        for layer in self.layers:
-            qkv = self._linear(self._layer_norm(x, layer["ln1"]), layer["qkv"])  # (E, B*T, 3H)
-            qkv = qkv.view(E * B, T, A, 3 * D).transpose(1, 2)  # (E*B, A, T, 3D)
-            q, k, v = qkv.chunk(3, dim=-1)  # each (E*B, A, T, D)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (E*B, A, T, D)
-            y = y.transpose(1, 2).reshape(E, B * T, H)
-            x = x + self._linear(y, layer["out"])
-            h = F.gelu(self._linear(self._layer_norm(x, layer["ln2"]), layer["up"]))  # (E, B*T, 4H)
-            x = x + self._linear(h, layer["down"])
-        return self._layer_norm(x, self.final_ln).view(E, B, T, H)
+        if idx.shape[1] > self.config.max_seq_len:
+            raise SmallTalkError(f"prefix of {idx.shape[1]} tokens is longer than the routers' context "
+                                 f"({self.config.max_seq_len})")
+
+        def one_router(params: dict, buffers: dict) -> torch.Tensor:
+            return functional_call(self._base, (params, buffers), (idx,), {"return_hidden": True})
+
+        with warnings.catch_warnings():
+            # CPU SDPA has no vmap batching rule yet; torch's fallback loops over E (measured: no slower
+            # than the hand-batched attention it replaces), and its one-time warning says nothing users can act on.
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            return vmap(one_router, in_dims=(0, None))(self.params, self.buffers)
 
     def token_log_probs(self, idx: torch.Tensor, head_chunk_bytes: int | None = None) -> torch.Tensor:
         """idx (B, T) -> log p(idx[:, s+1] | idx[:, :s+1]) under every router: (E, B, T-1) fp32."""
