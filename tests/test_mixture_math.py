@@ -11,18 +11,20 @@ from smalltalk.errors import SmallTalkError
 from smalltalk.mixture.bundle import fallback_expert
 from smalltalk.mixture.config import RUN_PRESETS, RunConfig, load_run_config, run_preset
 from smalltalk.mixture.costs import costs_markdown, run_costs
-from smalltalk.mixture.evaluate import EvalConfig, ScoreTables, route_from_logp, soft_topk_nll, summarize
+from smalltalk.mixture.evaluate import EvalConfig, soft_topk_nll, summarize
+from smalltalk.mixture.scores import SequenceScores
 from smalltalk.model.config import preset
 from smalltalk.model.flops import inference_flops, training_flops
+from smalltalk.routing import rule
 
 
-def _tables(seed: int = 0, N: int = 12, E: int = 3, S: int = 9, M: int = 5) -> ScoreTables:
+def _tables(seed: int = 0, N: int = 12, E: int = 3, S: int = 9, M: int = 5) -> SequenceScores:
     rng = np.random.default_rng(seed)
     token_logp = -rng.uniform(0.1, 5.0, size=(N, E, S - 1)).astype(np.float32)
-    return ScoreTables(expert_nll=-token_logp.sum(axis=2, dtype=np.float64),
-                       dense_nll=rng.uniform(5, 30, size=N), router_logp=-rng.uniform(0.1, 3, (N, E, M - 1))
-                       .astype(np.float32), expert_token_logp=token_logp, tokens_per_seq=S - 1,
-                       domains=rng.integers(0, 2, N).astype(np.int16))
+    return SequenceScores(expert_nll=-token_logp.sum(axis=2, dtype=np.float64),
+                          dense_nll=rng.uniform(5, 30, size=N), router_logp=-rng.uniform(0.1, 3, (N, E, M - 1))
+                          .astype(np.float32), expert_logp=token_logp, tokens_per_seq=S - 1,
+                          domains=rng.integers(0, 2, N).astype(np.int16))
 
 
 def test_fallback_is_largest_training_share_lowest_index_on_ties():
@@ -37,10 +39,10 @@ def test_routing_uses_first_prefix_tokens_and_argmax():
     logp[0, 1] = [-2, -2, -1, -1]
     logp[1, 1] = -0.5
     logp[1, 0] = -0.7
-    routes, scores = route_from_logp(logp, 3)  # M-hat = 3: two predicted tokens
-    assert routes.tolist() == [0, 1] and scores[0].tolist() == [-2, -4]
-    routes, _ = route_from_logp(logp, 5)
-    assert routes.tolist() == [1, 1]
+    scores = rule.window_scores(logp, 3)  # M-hat = 3: two predicted tokens
+    assert rule.route(scores).tolist() == [0, 1] and scores[0].tolist() == [-2, -4]
+    assert rule.route_logp(logp, 3).tolist() == [0, 1]
+    assert rule.route_logp(logp, 5).tolist() == [1, 1]
 
 
 def test_summarize_matches_a_direct_computation():
@@ -75,14 +77,14 @@ def test_summarize_matches_a_direct_computation():
 
 def test_soft_topk_equals_brute_force_mixture_of_distributions():
     t = _tables(seed=3)
-    _, scores = route_from_logp(t.router_logp, 5)
-    N, E, T = t.expert_token_logp.shape
+    scores = t.router_scores(5)
+    N, E, T = t.expert_logp.shape
     expected = 0.0
     for n in range(N):
         top = np.argsort(-scores[n], kind="stable")[:2]
         w = np.exp(scores[n, top] - scores[n, top].max())
         w /= w.sum()
-        p = (w[:, None] * np.exp(t.expert_token_logp[n, top].astype(np.float64))).sum(axis=0)  # (T,)
+        p = (w[:, None] * np.exp(t.expert_logp[n, top].astype(np.float64))).sum(axis=0)  # (T,)
         expected -= np.log(p).sum()
     assert soft_topk_nll(t, scores, 2) == pytest.approx(expected, rel=1e-9)
     # k = 1 is hard routing.

@@ -9,10 +9,12 @@ from typing import Callable
 
 import numpy as np
 
-from .output import improvement_pct, markdown_table, pct, pyplot, save_figure
+from ..mixture.scores import SequenceScores, improvement_pct
+from ..routing import rule
+from .output import markdown_table, pct, pyplot, save_figure
 from .prefix_length import default_prefix_lens, router_context
 from .runs import RunView, ScoreSettings
-from .scores import TestScores, check_lm_prefix_len, router_logp, routes_from_logp
+from .scores import check_lm_prefix_len, router_logp
 
 EM_LABEL = "EM routers (the run)"
 
@@ -33,12 +35,12 @@ def comparison_prefix_lens(parent: RunView, cfg: BaselineConfig) -> list[int]:
     return sorted({check_lm_prefix_len(m, context, f"the routers' context in {parent.root}") for m in lens})
 
 
-def em_rows(parent: RunView, scores: TestScores, prefix_lens: list[int],
+def em_rows(parent: RunView, scores: SequenceScores, prefix_lens: list[int],
             cfg: BaselineConfig) -> tuple[list[dict], dict[int, np.ndarray]]:
     """The run's own mixture (EM routers) at each M-hat: table rows, and per M-hat the (N,) NLL per sequence."""
     logp = router_logp(parent.routers_dir, parent.data_dir, scores.indices, max(prefix_lens), split=cfg.split,
                        device=cfg.device)
-    routes = {m: routes_from_logp(logp, m) for m in prefix_lens}
+    routes = {m: rule.route_logp(logp, m) for m in prefix_lens}
     rows = [row(EM_LABEL, m, scores.ppl(routes[m]), scores.dense_ppl()) for m in prefix_lens]
     return rows, {m: scores.routed_nll(routes[m]) for m in prefix_lens}
 

@@ -42,11 +42,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def improvement_pct(dense_ppl: float, ppl: float) -> float:
-    """(dense - ppl) / dense in %, positive = lower perplexity than dense (as mixture/evaluate.py)."""
-    return 100.0 * (dense_ppl - ppl) / dense_ppl
-
-
 def pyplot():
     import matplotlib
 

@@ -19,9 +19,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import SmallTalkError
-from .output import improvement_pct, markdown_table, pct, pyplot, save_figure, write_analysis
+from ..mixture.scores import improvement_pct
+from ..routing import rule
+from .output import markdown_table, pct, pyplot, save_figure, write_analysis
 from .runs import RunView, ScoreSettings, open_run
-from .scores import check_lm_prefix_len, router_logp, routes_from_logp
+from .scores import check_lm_prefix_len, router_logp
 
 NAME = "prefix-length"
 
@@ -58,11 +60,11 @@ def sweep_run(view: RunView, cfg: PrefixLengthConfig, log: Callable[[str], None]
     scores = view.scores(cfg, log=log)
     logp = router_logp(view.routers_dir, view.data_dir, scores.indices, max(lens + [view.prefix_len]),
                        split=cfg.split, device=cfg.device)  # (N, E, P-1)
-    reference = routes_from_logp(logp, min(view.prefix_len, logp.shape[2] + 1))  # routing at M-hat = M
+    reference = rule.route_logp(logp, min(view.prefix_len, logp.shape[2] + 1))  # routing at M-hat = M
     dense = scores.dense_ppl()
     rows = []
     for m in lens:
-        routes = routes_from_logp(logp, m)
+        routes = rule.route_logp(logp, m)
         ppl = scores.ppl(routes)
         rows.append({"prefix_len": m, "ppl": ppl,
                      "improvement_pct": None if dense is None else improvement_pct(dense, ppl),

@@ -20,13 +20,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..mixture.scores import improvement_pct
 from ..routing import rule
 from ..errors import SmallTalkError
 from ..io import read_json
-from .output import improvement_pct, markdown_table, pct, pyplot, save_figure, write_analysis
+from .output import markdown_table, pct, pyplot, save_figure, write_analysis
 from .partitions import adjusted_rand, best_matching
 from .runs import RunView, ScoreSettings, open_run
-from .scores import router_logp, routes_from_logp
+from .scores import router_logp
 
 NAME = "router-size"
 
@@ -89,7 +90,7 @@ def analyze_router_size(run_dir: str | Path, compare: Sequence[tuple[str | None,
         name = label or f"{preset} router"
         scores = v.scores(cfg, log=log)
         M = v.prefix_len
-        routes = routes_from_logp(router_logp(v.routers_dir, v.data_dir, scores.indices, M, split=cfg.split,
+        routes = rule.route_logp(router_logp(v.routers_dir, v.data_dir, scores.indices, M, split=cfg.split,
                                               device=cfg.device), M)
         self_routes = rule.route(scores.self_scores(M))
         dense = scores.dense_ppl()

@@ -11,8 +11,9 @@ import numpy as np
 from ..errors import SmallTalkError
 from ..io import read_json
 from ..mixture.layout import RunLayout
+from ..mixture.scores import SequenceScores
 from .output import ANALYSIS_DIR
-from .scores import CACHE_DIR, TestScores, score_models
+from .scores import CACHE_DIR, score_models
 
 
 @dataclass
@@ -55,7 +56,7 @@ class RunView:
     def label(self) -> str:
         return str(self.config.name)
 
-    def scores(self, settings: ScoreSettings | None = None, log=None) -> TestScores:
+    def scores(self, settings: ScoreSettings | None = None, log=None) -> SequenceScores:
         """Every expert's and the dense model's per-token NLL on `settings.split` (cached in the run)."""
         s = settings or ScoreSettings()
         return score_models(self.expert_dirs, self.dense_dir, self.data_dir, split=s.split, max_seqs=s.max_seqs,

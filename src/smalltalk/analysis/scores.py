@@ -2,8 +2,8 @@
 
 Every analysis here asks "which expert would this sequence go to under routing rule X, and what is
 the perplexity then?". One pass of every expert and of the dense model over the split answers it for
-every rule: `TestScores` keeps, per sequence, the summed NLL under each expert and the dense model,
-and each expert's per-token log-probs (so experts can route for themselves on any prefix, as the
+every rule: `SequenceScores` (mixture/scores.py) keeps, per sequence, the summed NLL under each expert
+and the dense model, and each expert's per-token log-probs (so experts can route for themselves on any prefix, as the
 random-shard control and the self-routing row of the router-size analysis do). Router log-probs are
 cheap (routers are small) and computed on demand for the longest prefix asked.
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,80 +26,14 @@ from ..errors import SmallTalkError
 from ..routing import rule
 from ..io import atomic_write_bytes
 from ..model.io import WEIGHTS_FILE, sha256_file
-from .output import improvement_pct
+from ..mixture.scores import SequenceScores
 
 CACHE_DIR = "cache"
-
-
-@dataclass
-class TestScores:
-    """N sequences of a split, E experts, S tokens per sequence."""
-
-    indices: np.ndarray
-    """(N,) int64 sequence index in the split."""
-    domains: np.ndarray
-    """(N,) int16 domain id (-1 unknown); analysis only."""
-    expert_nll: np.ndarray
-    """(N, E) float64 summed NLL of each whole sequence under each expert."""
-    expert_logp: np.ndarray
-    """(N, E, S - 1) float32 log p(x_{s+1} | x_{1:s}) under each expert."""
-    dense_nll: np.ndarray | None
-    """(N,) float64 summed NLL under the dense baseline (None when there is none)."""
-    bytes_per_token: float | None = None
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.indices)
-
-    @property
-    def num_experts(self) -> int:
-        return self.expert_nll.shape[1]
-
-    @property
-    def tokens_per_seq(self) -> int:
-        return self.expert_logp.shape[2]
-
-    def routed_nll(self, routes: np.ndarray) -> np.ndarray:
-        """(N,) summed NLL of sequence n under expert routes[n]."""
-        return self.expert_nll[np.arange(self.num_seqs), np.asarray(routes)]
-
-    def ppl(self, routes: np.ndarray, select: np.ndarray | None = None) -> float:
-        """Token-weighted perplexity when sequence n is scored by expert routes[n] (over `select`)."""
-        nll = self.routed_nll(routes)
-        if select is not None:
-            nll = nll[select]
-        return _ppl(float(nll.sum()), len(nll) * self.tokens_per_seq)
-
-    def dense_ppl(self, select: np.ndarray | None = None) -> float | None:
-        if self.dense_nll is None:
-            return None
-        nll = self.dense_nll if select is None else self.dense_nll[select]
-        return _ppl(float(nll.sum()), len(nll) * self.tokens_per_seq)
-
-    def self_scores(self, prefix_len: int) -> np.ndarray:
-        """(N, E) log-likelihood of the first `prefix_len` tokens under each expert (experts as routers)."""
-        check_lm_prefix_len(prefix_len, self.tokens_per_seq + 1, "the experts' sequences")
-        return self.expert_logp[:, :, :prefix_len - 1].sum(axis=2, dtype=np.float64)
-
-    def summary(self, routes: np.ndarray) -> dict:
-        """ppl, dense ppl and improvement (%) of the mixture that follows `routes`."""
-        ppl, dense = self.ppl(routes), self.dense_ppl()
-        return {"ppl": ppl, "dense_ppl": dense,
-                "improvement_pct": None if dense is None else improvement_pct(dense, ppl)}
-
-
-def _ppl(nll_sum: float, num_tokens: int) -> float:
-    return math.exp(min(nll_sum / max(num_tokens, 1), 700.0))
 
 
 def check_lm_prefix_len(prefix_len, limit: int, limit_name: str) -> int:
     """M-hat of packed test sequences routed by LM likelihood (`rule.check_prefix_len`)."""
     return rule.check_prefix_len(prefix_len, {limit_name: limit}, where="prefix length M-hat")
-
-
-def routes_from_logp(logp: np.ndarray, prefix_len: int) -> np.ndarray:
-    """(N,) best expert of each sequence routed on its first `prefix_len` tokens; logp (N, E, P - 1)."""
-    return rule.route(rule.window_scores(logp, prefix_len))
 
 
 # ----------------------------------------------------------------------------- computing
@@ -131,7 +63,7 @@ def select_sequences(num_seqs: int, max_seqs: int) -> np.ndarray:
 
 def score_models(expert_dirs: Sequence[Path], dense_dir: Path | None, data_dir: Path, *, split: str = "test",
                  max_seqs: int = 0, batch_size: int = 16, device: str = "auto", cache_dir: Path | None = None,
-                 log: Callable[[str], None] | None = None) -> TestScores:
+                 log: Callable[[str], None] | None = None) -> SequenceScores:
     """Score `split` of `data_dir` with every expert (and the dense model); cached in `cache_dir`."""
     from ..model.io import load_model_dir
     from ..mixture.inference import resolve_device, token_logprobs
@@ -143,8 +75,9 @@ def score_models(expert_dirs: Sequence[Path], dense_dir: Path | None, data_dir: 
     path = Path(cache_dir) / f"scores_{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
         with np.load(path) as z:
-            return TestScores(z["indices"], z["domains"], z["expert_nll"], z["expert_logp"],
-                              z["dense_nll"] if z["has_dense"] else None, data.bytes_per_token)
+            return SequenceScores(z["expert_nll"], z["dense_nll"] if z["has_dense"] else None, z["domains"],
+                                  z["expert_logp"].shape[2], expert_logp=z["expert_logp"], indices=z["indices"],
+                                  bytes_per_token=data.bytes_per_token)
     dev = resolve_device(device)
     tokens = data.dataset.get(indices)  # (N, S)
     N, S = tokens.shape
@@ -164,8 +97,8 @@ def score_models(expert_dirs: Sequence[Path], dense_dir: Path | None, data_dir: 
         del model
         if log:
             log(f"scored {N} {split} sequences with the dense model")
-    scores = TestScores(indices, data.dataset.domains(indices), -expert_logp.sum(axis=2, dtype=np.float64),
-                        expert_logp, dense_nll, data.bytes_per_token)
+    scores = SequenceScores(-expert_logp.sum(axis=2, dtype=np.float64), dense_nll, data.dataset.domains(indices),
+                            S - 1, expert_logp=expert_logp, indices=indices, bytes_per_token=data.bytes_per_token)
     if path is not None:
         buf = io.BytesIO()
         np.savez(buf, indices=scores.indices, domains=scores.domains, expert_nll=scores.expert_nll,

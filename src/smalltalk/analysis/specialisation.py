@@ -15,10 +15,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .output import improvement_pct, markdown_table, pct, pyplot, save_figure, write_analysis
+from ..mixture.scores import SequenceScores, improvement_pct
+from ..routing import rule
+from .output import markdown_table, pct, pyplot, save_figure, write_analysis
 from .partitions import nmi
 from .runs import ScoreSettings, open_run
-from .scores import TestScores, router_logp, routes_from_logp
+from .scores import router_logp
 
 NAME = "specialisation"
 TOP_DOMAINS = 3
@@ -51,7 +53,7 @@ def _nmi_known(assignment: np.ndarray, domains: np.ndarray) -> float | None:
     return nmi(np.asarray(assignment)[known], np.asarray(domains)[known].astype(np.int64))
 
 
-def specialisation(scores: TestScores, test_routes: np.ndarray, train_assignment: np.ndarray | None,
+def specialisation(scores: SequenceScores, test_routes: np.ndarray, train_assignment: np.ndarray | None,
                    train_domains: np.ndarray | None, domain_names: Sequence[str]) -> dict:
     """The per-expert table and NMIs of the module docstring (pure numpy)."""
     E, D = scores.num_experts, len(domain_names)
@@ -97,7 +99,7 @@ def analyze_specialisation(run_dir: str | Path, cfg: SpecialisationConfig | None
     scores = view.scores(cfg, log=log)
     M = view.prefix_len
     logp = router_logp(view.routers_dir, view.data_dir, scores.indices, M, split=cfg.split, device=cfg.device)
-    routes = routes_from_logp(logp, M)
+    routes = rule.route_logp(logp, M)
     train_assignment = view.train_assignment()
     train_domains = load_split(view.data_dir, "train").dataset.domains()
     result = specialisation(scores, routes, train_assignment, train_domains, view.domain_names())

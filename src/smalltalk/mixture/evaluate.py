@@ -33,6 +33,7 @@ from ..model.io import load_model_dir
 from ..data.splits import evenly_spaced, load_split
 from ..routing import rule
 from .inference import Mixture, router_token_logprobs, token_logprobs
+from .scores import SequenceScores, improvement_pct, perplexity
 
 
 @dataclass
@@ -58,35 +59,8 @@ class EvalConfig:
             raise SmallTalkError(f"eval config: prefix_lens={self.prefix_lens} must all be >= 2")
 
 
-def _ppl(nll_sum: float, tokens: int) -> float:
-    return math.exp(min(nll_sum / max(tokens, 1), 700.0))
-
-
-def _improvement(dense_ppl: float, ppl: float) -> float:
-    """How much lower `ppl` is than dense, in % of dense (positive = the mixture is better)."""
-    return 100.0 * (dense_ppl - ppl) / dense_ppl
-
-
-@dataclass
-class ScoreTables:
-    """Everything the metrics are computed from; N test sequences, E experts, S tokens each."""
-
-    expert_nll: np.ndarray
-    """(N, E) float64 summed NLL of each whole sequence under each expert."""
-    dense_nll: np.ndarray
-    """(N,) float64 summed NLL under the dense baseline."""
-    router_logp: np.ndarray
-    """(N, E, M - 1) float32 router log-probs of prefix tokens 2..M."""
-    expert_token_logp: np.ndarray | None
-    """(N, E, S - 1) float32 per-token log-probs, kept only for soft mixing."""
-    tokens_per_seq: int
-    """Predicted tokens per sequence (S - 1)."""
-    domains: np.ndarray
-    """(N,) int16 domain id of each sequence (-1 unknown); analysis only."""
-
-
 def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, domains: np.ndarray, *,
-                 batch_size: int = 16, keep_token_logp: bool = False, progress=None) -> ScoreTables:
+                 batch_size: int = 16, keep_token_logp: bool = False, progress=None) -> SequenceScores:
     """Run the routers, every expert and the dense model over `tokens` (N, S)."""
     N, S = tokens.shape
     M = mixture.info.prefix_len
@@ -101,14 +75,14 @@ def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, do
     router_logp = router_token_logprobs(mixture.routers, tokens[:, :M], batch_size=batch_size * 4,
                                         on_batch=bar.update)  # (N, E, M-1)
     expert_nll = np.zeros((N, E), dtype=np.float64)
-    expert_token_logp = np.zeros((N, E, S - 1), dtype=np.float32) if keep_token_logp else None
+    expert_logp = np.zeros((N, E, S - 1), dtype=np.float32) if keep_token_logp else None
     for e in range(E):
         logp = token_logprobs(mixture.expert(e), tokens, batch_size=batch_size, device=mixture.device,
                               on_batch=bar.update)  # (N, S-1)
         expert_nll[:, e] = -logp.sum(axis=1, dtype=np.float64)
         _check_finite(expert_nll[:, e], f"expert {e} of {mixture.info.root}")
-        if expert_token_logp is not None:
-            expert_token_logp[:, e] = logp
+        if expert_logp is not None:
+            expert_logp[:, e] = logp
         if progress is not None:
             progress(f"expert {e}")
     dense, _ = load_model_dir(dense_dir, device=mixture.device)
@@ -123,7 +97,8 @@ def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, do
     _check_finite(router_logp, f"the routers of {mixture.info.root}")
     if progress is not None:
         progress("dense")
-    return ScoreTables(expert_nll, dense_nll, router_logp, expert_token_logp, S - 1, np.asarray(domains))
+    return SequenceScores(expert_nll, dense_nll, np.asarray(domains), S - 1, router_logp=router_logp,
+                          expert_logp=expert_logp)
 
 
 def _check_finite(values: np.ndarray, what: str) -> None:
@@ -132,39 +107,34 @@ def _check_finite(values: np.ndarray, what: str) -> None:
                              "or it diverged: re-train it")
 
 
-def route_from_logp(router_logp: np.ndarray, prefix_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(routes (N,), scores (N, E)) of packed sequences routed on their first `prefix_len` tokens (Eq. 7-8)."""
-    scores = rule.window_scores(router_logp, prefix_len)  # (N, E)
-    return rule.route(scores), scores
-
-
-def soft_topk_nll(tables: ScoreTables, scores: np.ndarray, k: int) -> float:
+def soft_topk_nll(tables: SequenceScores, scores: np.ndarray, k: int) -> float:
     """Summed NLL of top-k soft mixing: -sum_s log sum_{e in topk} w_e p_e(x_{s+1})."""
-    assert tables.expert_token_logp is not None
+    assert tables.expert_logp is not None
     k = min(k, scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (N, k)
     top_scores = np.take_along_axis(scores, top, axis=1)  # (N, k)
     log_w = top_scores - top_scores.max(axis=1, keepdims=True)
     log_w = log_w - np.log(np.exp(log_w).sum(axis=1, keepdims=True))  # (N, k) log posterior over the top k
-    logp = np.take_along_axis(tables.expert_token_logp, top[:, :, None], axis=1)  # (N, k, S-1)
+    logp = np.take_along_axis(tables.expert_logp, top[:, :, None], axis=1)  # (N, k, S-1)
     mixed = log_w[:, :, None] + logp.astype(np.float64)
     peak = mixed.max(axis=1, keepdims=True)
     return float(-(peak[:, 0] + np.log(np.exp(mixed - peak).sum(axis=1))).sum())
 
 
-def summarize(tables: ScoreTables, *, prefix_len: int, prefix_lens: list[int] = (), top_k: int = 0,
+def summarize(tables: SequenceScores, *, prefix_len: int, prefix_lens: list[int] = (), top_k: int = 0,
               train_shares: list[float | None] | None = None, domain_names: list[str] | None = None,
               bytes_per_token: float | None = None) -> dict:
     """The metrics of the module docstring from the score tables (pure numpy, exact)."""
     N, E = tables.expert_nll.shape
     T = tables.tokens_per_seq
-    routes, scores = route_from_logp(tables.router_logp, prefix_len)
+    scores = tables.router_scores(prefix_len)  # (N, E)
+    routes = rule.route(scores)
     rows = np.arange(N)
     mix_nll = tables.expert_nll[rows, routes]  # (N,)
 
     def metrics(nll_sum: float, num_tokens: int) -> dict:
         loss = nll_sum / max(num_tokens, 1)
-        out = {"loss": loss, "ppl": _ppl(nll_sum, num_tokens)}
+        out = {"loss": loss, "ppl": perplexity(nll_sum, num_tokens)}
         if bytes_per_token:
             out["bpb"] = nll_sum / math.log(2) / (num_tokens * bytes_per_token)
         return out
@@ -177,12 +147,12 @@ def summarize(tables: ScoreTables, *, prefix_len: int, prefix_lens: list[int] = 
         n = int(seg.sum())
         row = {"expert": e, "num_seqs": n, "share": n / N,
                "train_share": (train_shares or [None] * E)[e],
-               "expert_ppl": _ppl(float(mix_nll[seg].sum()), n * T) if n else None,
-               "dense_ppl": _ppl(float(tables.dense_nll[seg].sum()), n * T) if n else None}
-        row["improvement_pct"] = _improvement(row["dense_ppl"], row["expert_ppl"]) if n else None
+               "expert_ppl": perplexity(float(mix_nll[seg].sum()), n * T) if n else None,
+               "dense_ppl": perplexity(float(tables.dense_nll[seg].sum()), n * T) if n else None}
+        row["improvement_pct"] = improvement_pct(row["dense_ppl"], row["expert_ppl"]) if n else None
         per_expert.append(row)
     # cross[e][k]: expert e's perplexity on the segment routed to k.
-    cross = [[_ppl(float(tables.expert_nll[routes == k, e].sum()), int((routes == k).sum()) * T)
+    cross = [[perplexity(float(tables.expert_nll[routes == k, e].sum()), int((routes == k).sum()) * T)
               if (routes == k).any() else None for k in range(E)] for e in range(E)]
     sweep = []
     M_max = tables.router_logp.shape[2] + 1
@@ -190,24 +160,24 @@ def summarize(tables: ScoreTables, *, prefix_len: int, prefix_lens: list[int] = 
         if m > M_max:
             raise SmallTalkError(f"eval prefix length {m} is longer than the routing prefix M={M_max} the "
                                  "routers were trained with; M-hat must be <= M")
-        r, _ = route_from_logp(tables.router_logp, m)
-        ppl = _ppl(float(tables.expert_nll[rows, r].sum()), N * T)
-        sweep.append({"prefix_len": m, "ppl": ppl, "improvement_pct": _improvement(dense["ppl"], ppl),
+        r = tables.routes(m)
+        ppl = perplexity(float(tables.expert_nll[rows, r].sum()), N * T)
+        sweep.append({"prefix_len": m, "ppl": ppl, "improvement_pct": improvement_pct(dense["ppl"], ppl),
                       "agreement": float((r == routes).mean())})
-    oracle_ppl = _ppl(float(tables.expert_nll.min(axis=1).sum()), N * T)
+    oracle_ppl = perplexity(float(tables.expert_nll.min(axis=1).sum()), N * T)
     result = {
         "num_seqs": N, "num_tokens": N * T, "num_experts": E, "prefix_len": prefix_len,
-        "mixture": mixture, "dense": dense, "improvement_pct": _improvement(dense["ppl"], mixture["ppl"]),
+        "mixture": mixture, "dense": dense, "improvement_pct": improvement_pct(dense["ppl"], mixture["ppl"]),
         "per_expert": per_expert,
         "all_experts_beat_dense_on_their_segment": all(r["improvement_pct"] is None or r["improvement_pct"] > 0
                                                        for r in per_expert),
         "cross_ppl": cross, "prefix_sweep": sweep,
-        "oracle": {"ppl": oracle_ppl, "improvement_pct": _improvement(dense["ppl"], oracle_ppl),
+        "oracle": {"ppl": oracle_ppl, "improvement_pct": improvement_pct(dense["ppl"], oracle_ppl),
                    "agreement": float((tables.expert_nll.argmin(axis=1) == routes).mean())},
     }
-    if top_k and top_k > 1 and tables.expert_token_logp is not None:
-        ppl = _ppl(soft_topk_nll(tables, scores, top_k), N * T)
-        result["soft_topk"] = {"k": min(top_k, E), "ppl": ppl, "improvement_pct": _improvement(dense["ppl"], ppl)}
+    if top_k and top_k > 1 and tables.expert_logp is not None:
+        ppl = perplexity(soft_topk_nll(tables, scores, top_k), N * T)
+        result["soft_topk"] = {"k": min(top_k, E), "ppl": ppl, "improvement_pct": improvement_pct(dense["ppl"], ppl)}
     if domain_names is not None and (tables.domains >= 0).any():
         counts = np.zeros((len(domain_names), E), dtype=np.int64)
         for d, e in zip(tables.domains, routes):

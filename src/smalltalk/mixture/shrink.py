@@ -71,7 +71,7 @@ def opt_out_table(bundle: str | Path, drops: Sequence[Sequence[int]], dense: str
     """`opt_out_cost` for several opt-outs from one scoring pass of the bundle (every expert, the routers and
     the dense model score `split` once; each opt-out only re-routes)."""
     from ..data.splits import evenly_spaced, load_split
-    from .evaluate import _ppl, score_tables
+    from .evaluate import score_tables
     from .inference import Mixture
 
     mixture = Mixture.load(bundle, device=device, max_loaded_experts=10**6)
@@ -80,19 +80,10 @@ def opt_out_table(bundle: str | Path, drops: Sequence[Sequence[int]], dense: str
     indices = evenly_spaced(len(data.dataset), max_seqs)
     tokens = data.dataset.get(indices)
     tables = score_tables(mixture, dense, tokens, data.dataset.domains(indices), batch_size=batch_size)
-    scores = rule.window_scores(tables.router_logp, mixture.info.prefix_len)  # (N, E)
+    scores = tables.router_scores(mixture.info.prefix_len)  # (N, E)
     before = rule.route(scores)
     rows = np.arange(len(before))
-    T = tables.tokens_per_seq
-
-    def ppl(routes: np.ndarray, select: np.ndarray) -> float | None:
-        n = int(select.sum())
-        return _ppl(float(tables.expert_nll[rows[select], routes[select]].sum()), n * T) if n else None
-
-    def dense_ppl(select: np.ndarray) -> float | None:
-        n = int(select.sum())
-        return _ppl(float(tables.dense_nll[select].sum()), n * T) if n else None
-
+    ppl, dense_ppl = tables.ppl, tables.dense_ppl
     out = []
     for drop in drops:
         kept = [e for e in range(mixture.num_experts) if e not in drop]

@@ -17,7 +17,6 @@ requests per expert; per expert: its share and perplexity next to dense on its s
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..data.readers import iter_documents
 from ..errors import SmallTalkError
 from ..routing import rule
 from .bundle import is_bundle
+from ..train.evaluate import perplexity
 from .inference import Mixture, resolve_device, router_scores, token_logprobs
 
 
@@ -50,10 +50,10 @@ class _Tally:
             self.experts[expert] += 1
 
     def row(self, with_dense: bool) -> dict:
-        ppl = math.exp(min(self.nll / max(self.tokens, 1), 700.0))
+        ppl = perplexity(self.nll, self.tokens)
         out = {"num_seqs": self.seqs, "num_tokens": self.tokens, "ppl": ppl}
         if with_dense:
-            dense = math.exp(min(self.dense_nll / max(self.tokens, 1), 700.0))
+            dense = perplexity(self.dense_nll, self.tokens)
             out.update(dense_ppl=dense, improvement_pct=100.0 * (dense - ppl) / dense)
         if self.experts:
             out["experts"] = {int(e): n for e, n in sorted(self.experts.items())}

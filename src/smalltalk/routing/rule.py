@@ -62,6 +62,11 @@ def route(scores: np.ndarray) -> np.ndarray:
     return np.asarray(scores).argmax(axis=-1).astype(np.int64)
 
 
+def route_logp(logp: np.ndarray, prefix_len: int) -> np.ndarray:
+    """Eq. 7-8 from per-token log-probs: logp (N, E, T - 1) -> (N,) best expert on the first `prefix_len` tokens."""
+    return route(window_scores(logp, prefix_len))
+
+
 def posterior(scores: np.ndarray) -> np.ndarray:
     """Eq. 4-6 with a uniform prior: p(e | window) = softmax over e of the scores, along the last axis."""
     z = np.asarray(scores, dtype=np.float64)

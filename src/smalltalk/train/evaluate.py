@@ -42,6 +42,12 @@ class EvalResult:
         return asdict(self)
 
 
+def perplexity(nll_sum: float, num_tokens: int) -> float:
+    """Token-weighted perplexity exp(nll_sum / num_tokens), capped so that a diverged model reports a huge
+    number instead of overflowing."""
+    return math.exp(min(nll_sum / max(num_tokens, 1), 700.0))
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -83,7 +89,7 @@ def evaluate(model: torch.nn.Module, data: TokenDataset, indices: np.ndarray | N
         raise SmallTalkError("evaluation loss is NaN or infinite: the model's weights are damaged or it diverged")
     loss = total / num_tokens
     bpb = total / math.log(2) / (num_tokens * bytes_per_token) if bytes_per_token else None
-    return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, num_tokens=num_tokens,
+    return EvalResult(loss=loss, ppl=perplexity(total, num_tokens), bpb=bpb, num_tokens=num_tokens,
                       num_seqs=len(indices))
 
 
