@@ -48,7 +48,8 @@ def _cpu(who: int) -> float:
 
 def end_to_end_child(out: str, workers: int, max_bytes_per_file: int | None) -> None:
     """Run prepare (cpu preset); print one JSON line with phase times and peak memory."""
-    from smalltalk.data.prepare import prepare, preset
+    from smalltalk.data.prepare import prepare
+    from smalltalk.data.prepare_config import preset
 
     events: list[tuple[float, str]] = []
     start = time.perf_counter()
@@ -78,7 +79,9 @@ def _time(fn) -> tuple[float, float, object]:
 def ab(tokenizer_file: Path, corpus: str, workers: int, max_bytes_per_file: int | None, tmp: Path) -> dict:
     from tokenizers import Tokenizer
 
-    from smalltalk.data.prepare import iter_split_documents, plan_sources, prepare, preset
+    from smalltalk.data.prepare import prepare
+    from smalltalk.data.prepare_config import preset
+    from smalltalk.data.sources import iter_split_documents, plan_sources
     from smalltalk.data.readers import ReadStats
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))

@@ -141,7 +141,8 @@ def tiny_data(tmp_path_factory, corpus_dir) -> Path:
     copy it before changing anything. ~5 s on 2 idle cores."""
     from filelock import FileLock
 
-    from smalltalk.data.prepare import prepare, preset
+    from smalltalk.data.prepare import prepare
+    from smalltalk.data.prepare_config import preset
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

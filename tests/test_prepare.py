@@ -12,7 +12,10 @@ import pytest
 
 from smalltalk.cli import main
 from smalltalk.data import prepare as prepare_module
-from smalltalk.data.prepare import PREPARE_PRESETS, PrepareConfig, load_manifest, plan_sources, prepare, preset
+from smalltalk.data.manifest import load_manifest
+from smalltalk.data.prepare import prepare
+from smalltalk.data.prepare_config import PREPARE_PRESETS, PrepareConfig, preset
+from smalltalk.data.sources import plan_sources
 from smalltalk.data.shards import TokenDataset
 from smalltalk.data.tokenizer import load_tokenizer
 from smalltalk.errors import SmallTalkError
@@ -334,9 +337,6 @@ def test_out_dir_that_is_not_ours_is_refused(small_corpus, tmp_path):
 def test_load_manifest_refuses_what_is_not_a_complete_dataset(tiny_data, tmp_path):
     import shutil
 
-    from smalltalk.data import prepare as module  # the module, not the function (mixture/config.py relies on it)
-
-    assert module.load_manifest is load_manifest
     copy = tmp_path / "copy"
     shutil.copytree(tiny_data, copy)
     assert load_manifest(copy, check_shards=True)["seq_len"] == 128

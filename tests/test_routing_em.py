@@ -13,7 +13,8 @@ from smalltalk.errors import SmallTalkError
 from smalltalk.routing import em as em_lib
 from smalltalk.routing.analysis import normalized_mutual_info
 from smalltalk.routing.config import RouterEMConfig, router_em_preset
-from smalltalk.routing.em import load_routers, sample_iteration_seqs, segments_of, train_routers
+from smalltalk.routing.em import sample_iteration_seqs, segments_of, train_routers
+from smalltalk.routing.routers_dir import load_routers
 
 CFG = router_em_preset("tiny", device="cpu")  # E=2, M=32, T=3 x 15 steps x 8 seqs, N=240, 64 held-out
 

@@ -39,7 +39,7 @@ def test_train_resume_and_extend_from_the_cli(tiny_data, tmp_path, capsys):
 
 def test_bad_inputs_exit_2_with_one_line(tiny_data, tmp_path, capsys):
     assert main(_args(tmp_path / "missing", tmp_path / "r1")) == 2
-    assert "manifest.json: file not found" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing'}: no manifest.json; run `smalltalk prepare" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(tiny_data, broken)
     shard = sorted((broken / "train").glob("shard_*.bin"))[0]

@@ -26,11 +26,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..data.shards import ShardWriter, read_header, token_dtype
+from ..data.shards import ShardWriter, token_dtype
 from ..errors import SmallTalkError
 from ..io import atomic_open, atomic_write_json, read_json
 from ..mixture.layout import RunLayout
-from ..routing.sharding import MANIFEST_FORMAT, data_tokenizer_sha256, write_expert_manifest
+from ..data.manifest import read_data_manifest, subset_split, write_subset_manifest
+from ..routing.sharding import write_shards_manifest
 from .output import analysis_dir
 from .runs import RunView, open_run
 
@@ -44,7 +45,7 @@ def write_partition_shards(data_dir: Path, assignment: np.ndarray, out: Path, nu
     from ..data.splits import load_split
 
     data_dir, out = Path(data_dir), Path(out)
-    data_manifest = read_json(data_dir / "manifest.json")
+    data = read_data_manifest(data_dir)
     ds = load_split(data_dir, split).dataset
     assignment = np.asarray(assignment, dtype=np.int64)
     if assignment.shape != (len(ds),):
@@ -60,7 +61,7 @@ def write_partition_shards(data_dir: Path, assignment: np.ndarray, out: Path, nu
     dtype = token_dtype(ds.vocab_size)
     writers = [ShardWriter(out / f"expert_{e}" / split, ds.seq_len, ds.vocab_size, seqs_per_shard=_CHUNK)
                for e in range(num_experts)]
-    domain_names = list(data_manifest.get("domains") or [])
+    domain_names = data.domains
     table = np.zeros((num_experts, max(1, len(domain_names))), dtype=np.int64)
     for start in range(0, len(ds), _CHUNK):
         idx = np.arange(start, min(start + _CHUNK, len(ds)), dtype=np.int64)
@@ -77,30 +78,18 @@ def write_partition_shards(data_dir: Path, assignment: np.ndarray, out: Path, nu
     with atomic_open(work / f"{split}_assign_{0:06d}.npy", "wb") as f:
         np.save(f, assignment.astype(np.int16))
 
-    src = data_manifest["splits"][split]
     experts = []
     for e in range(num_experts):
         edir = out / f"expert_{e}"
-        files = sorted((edir / split).glob("shard_*.bin"))
-        per_split = {
-            "shards": [{"file": f"{split}/{p.name}", "num_seqs": read_header(p).num_seqs} for p in files],
-            "num_seqs": int(counts[e]), "num_tokens": int(counts[e]) * ds.seq_len, "num_documents": None,
-            "num_bytes": int(round(src["num_bytes"] * counts[e] / len(ds))) if src.get("num_bytes") else None,
-            "domain_counts": {d: int(table[e, i]) for i, d in enumerate(domain_names)},
-        }
-        write_expert_manifest(edir, data_dir, data_manifest, {split: per_split}, e, {"partition": method})
+        per_split = subset_split(edir, split, int(counts[e]), data.splits[split], ds.seq_len,
+                                 {d: int(table[e, i]) for i, d in enumerate(domain_names)})
+        write_subset_manifest(edir, data, {split: per_split}, e, {"partition": method})
         experts.append({"dir": edir.name, split: int(counts[e])})
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": 1, "num_experts": num_experts, "prefix_len": int(prefix_len),
-        "chunk_size": len(ds), "experts": experts,
-        "splits": {split: {"num_seqs": len(ds), "num_chunks": 1, "counts": counts.tolist(),
-                           "domain_counts": [{d: int(table[e, i]) for i, d in enumerate(domain_names)}
-                                             for e in range(num_experts)]}},
-        "domains": domain_names, "routing": method,
-        "tokenizer_sha256": data_tokenizer_sha256(data_dir, data_manifest), "data_dir": str(data_dir.resolve()),
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+    splits = {split: {"num_seqs": len(ds), "num_chunks": 1, "counts": counts.tolist(),
+                      "domain_counts": [{d: int(table[e, i]) for i, d in enumerate(domain_names)}
+                                        for e in range(num_experts)]}}
+    return write_shards_manifest(out, num_experts, prefix_len, len(ds), experts, splits, domain_names,
+                                 data.tokenizer_identity(), str(data_dir.resolve()), routing=method)
 
 
 def derived_run_dir(parent: RunView, name: str) -> Path:

@@ -23,7 +23,8 @@ import numpy as np
 from ..mixture.scores import improvement_pct
 from ..routing import rule
 from ..errors import SmallTalkError
-from ..io import read_json
+from ..data.manifest import read_data_manifest
+from ..routing.routers_dir import read_routers_manifest
 from .output import markdown_table, pct, pyplot, save_figure, write_analysis
 from .partitions import adjusted_rand, best_matching
 from .runs import RunView, ScoreSettings, open_run
@@ -39,20 +40,16 @@ class RouterSizeConfig(ScoreSettings):
 
 def router_params(view: RunView) -> tuple[str, int]:
     """(router preset name, parameters of one router) from the run's routers manifest."""
-    from ..model.config import ModelConfig
-
-    manifest = read_json(view.routers_dir / "manifest.json")
-    model = ModelConfig.from_dict(manifest["router_model"])
-    return str(manifest["em"].get("router_preset", model.name)), model.num_params()
+    routers = read_routers_manifest(view.routers_dir)
+    return str(routers.em.get("router_preset", routers.router_model.name)), routers.router_model.num_params()
 
 
 def _check_same_experiment(views: Sequence[RunView]) -> None:
     base = views[0]
-    base_data = read_json(base.data_dir / "manifest.json")
+    base_data = read_data_manifest(base.data_dir)
     for v in views[1:]:
-        data = read_json(v.data_dir / "manifest.json")
-        if data.get("tokenizer", {}).get("sha256") != base_data.get("tokenizer", {}).get("sha256") or \
-                data["splits"]["train"]["num_seqs"] != base_data["splits"]["train"]["num_seqs"]:
+        data = read_data_manifest(v.data_dir)
+        if data.tokenizer_sha256 != base_data.tokenizer_sha256 or data.num_seqs("train") != base_data.num_seqs("train"):
             raise SmallTalkError(f"{v.root}: its data differs from {base.root}'s (tokenizer or number of training "
                                  "sequences); compare runs prepared from the same data config")
         if v.num_experts != base.num_experts:
@@ -85,8 +82,7 @@ def analyze_router_size(run_dir: str | Path, compare: Sequence[tuple[str | None,
     rows, train_parts, test_parts, names = [], [], [], []
     for v, label in zip(views, labels):
         preset, params = router_params(v)
-        expert_params = v.config.expert_model.replace(vocab_size=int(read_json(v.data_dir / "manifest.json")
-                                                                     ["vocab_size"])).num_params()
+        expert_params = v.config.expert_model.replace(vocab_size=read_data_manifest(v.data_dir).vocab_size).num_params()
         name = label or f"{preset} router"
         scores = v.scores(cfg, log=log)
         M = v.prefix_len

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SmallTalkError
-from ..io import read_json
+from ..data.manifest import is_prepared, read_data_manifest
 from ..mixture.layout import RunLayout
+from ..routing.routers_dir import has_routers
 from ..mixture.scores import SequenceScores
 from .output import ANALYSIS_DIR
 from .scores import CACHE_DIR, score_models
@@ -50,7 +51,7 @@ class RunView:
 
     @property
     def seq_len(self) -> int:
-        return int(read_json(self.data_dir / "manifest.json")["seq_len"])
+        return read_data_manifest(self.data_dir).seq_len
 
     @property
     def label(self) -> str:
@@ -70,7 +71,7 @@ class RunView:
         return load_assignment(self.layout.shards)
 
     def domain_names(self) -> list[str]:
-        return list(read_json(self.data_dir / "manifest.json").get("domains") or [])
+        return read_data_manifest(self.data_dir).domains
 
 
 def _model_dir(layout: RunLayout, k: int) -> Path:
@@ -88,8 +89,8 @@ def open_run(run_dir: str | Path, *, need_experts: bool = True) -> RunView:
         raise SmallTalkError(f"--run {root}: no such directory; pass a run directory written by `smalltalk run`")
     cfg = read_run_config(root)
     layout = RunLayout(root)
-    if not (layout.data / "manifest.json").is_file():
-        raise SmallTalkError(f"{layout.data / 'manifest.json'}: not found; the run has no prepared data yet "
+    if not is_prepared(layout.data):
+        raise SmallTalkError(f"{layout.data}: no prepared data there; the run has no prepared data yet "
                              "(run `smalltalk run` first)")
     experts = [_model_dir(layout, k) for k in range(cfg.num_experts)]
     missing = [str(d) for d in experts if not (d / "model.safetensors").is_file()]
@@ -97,6 +98,6 @@ def open_run(run_dir: str | Path, *, need_experts: bool = True) -> RunView:
         raise SmallTalkError(f"{missing[0]}: expert weights not found; train the experts first (`smalltalk run "
                              "--config ... --out RUN_DIR`, or for a baseline `smalltalk analyze` without --no-train)")
     dense = layout.dense / "model"
-    routers = layout.routers if (layout.routers / "manifest.json").is_file() else None
+    routers = layout.routers if has_routers(layout.routers) else None
     return RunView(root, layout, cfg, experts, dense if (dense / "model.safetensors").is_file() else None,
                    routers, layout.data)

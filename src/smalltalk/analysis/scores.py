@@ -119,7 +119,7 @@ def router_logp(routers_dir: Path, data_dir: Path, indices: np.ndarray, prefix_l
                 batch_size: int = 64, device: str = "auto") -> np.ndarray:
     """(N, E, prefix_len - 1) float32 log-probs of prefix tokens 2..prefix_len under each router."""
     from ..mixture.inference import resolve_device, router_token_logprobs
-    from ..routing.em import load_routers
+    from ..routing.routers_dir import load_routers
     from ..routing.score import StackedRouters
     from ..data.splits import load_split
 

@@ -44,10 +44,9 @@ class TfidfBaselineConfig(BaselineConfig):
 
 
 def tokenizer_file(view: RunView) -> Path:
-    from ..io import read_json
+    from ..data.manifest import read_data_manifest
 
-    tok = read_json(view.data_dir / "manifest.json").get("tokenizer", {}) or {}
-    path = view.data_dir / tok.get("file", "tokenizer.json")
+    path = read_data_manifest(view.data_dir).tokenizer_file
     if not path.is_file():
         raise SmallTalkError(f"{path}: the run's tokenizer is missing; TF-IDF needs it to decode prefixes to text")
     return path

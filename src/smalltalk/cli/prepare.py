@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..errors import SmallTalkError
-from ..data.prepare import PREPARE_PRESETS, prepare, preset
+from ..data.prepare import prepare
+from ..data.prepare_config import PREPARE_PRESETS, preset
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

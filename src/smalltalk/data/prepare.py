@@ -24,363 +24,32 @@ bad input and interruptions.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import re
 import shutil
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from .. import __version__
-from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temps
-from ..paths import default_corpus_dir
+from .encode import DocumentEncoder, document_pieces
+from .manifest import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, load_manifest
 from .packing import SequencePacker
-from .readers import (Document, ReadStats, hf_split_names, is_hf_source, iter_documents, parse_hf_source,
-                      resolve_sources)
-from .shards import UNKNOWN_DOMAIN, ShardWriter, read_header, token_dtype, write_shard
-from .tokenizer import TOKENIZER_PRESETS, TextTokenizer, check_vocab_size, load_tokenizer, train_tokenizer
+from .prepare_config import NOT_IDENTITY, NOT_TOKENIZER_IDENTITY, PrepareConfig
+from .readers import Document, ReadStats
+from .shards import UNKNOWN_DOMAIN, ShardWriter, token_dtype, write_shard
+from .sources import HASH_SPLIT, SPLITS, PlannedSource, iter_split_documents, plan_sources, source_fingerprint
+from .tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 
-FORMAT, VERSION = "smalltalk-tokens", 1
-SPLITS = ("train", "valid", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid",
-                  "dev": "valid", "test": "test", "testing": "test"}
-MANIFEST, STATE, TOKENIZER_FILE = "manifest.json", ".prepare_state.json", "tokenizer.json"
-HASH_SPLIT = "hash"
-# Fields that do not change the output: left out of the fingerprint that decides "already done".
-_NOT_IDENTITY = ("corpus", "out_dir", "tokenizer_file", "num_workers", "batch_bytes", "progress", "name")
-# ... and fields that change the shards but not the tokenizer.
-_NOT_TOKENIZER_IDENTITY = ("seq_len", "seqs_per_shard")
-
-
-@dataclass
-class PrepareConfig(DictConfig):
-    config_kind = "prepare config"
-
-    corpus: tuple[str, ...] = ()
-    """Corpus sources: directories, files, globs or ``hf:<name>[:<config>][:<split>]``; empty = the sample corpus
-    (``$SMALLTALK_CORPUS``, else ``../shared/corpus``)."""
-    out_dir: str = ""
-    """Output data directory; empty = ``runs/data-<name>``."""
-    tokenizer_file: str | None = None
-    """Existing ``tokenizer.json`` to use instead of training one (vocab_size is then the file's)."""
-    vocab_size: int = TOKENIZER_PRESETS["cpu"]
-    """Vocabulary of the trained tokenizer, special tokens included."""
-    seq_len: int = 256
-    """Tokens per packed sequence S (the model's context length)."""
-    tokenizer_sample_bytes: int = 20_000_000
-    """UTF-8 bytes of training text the tokenizer learns from, taken evenly across training files."""
-    text_field: str = "text"
-    """JSONL key / Parquet column / HF feature holding the text."""
-    meta_fields: tuple[str, ...] = ("domain",)
-    """Metadata carried along; the first one (if any) labels each sequence's domain."""
-    max_bytes_per_file: int | None = None
-    """Read only the first N bytes of text of each source file per split (small, fast runs); None = all."""
-    max_doc_chars: int = 1_000_000
-    """Longer documents are tokenized in pieces of at most this many characters, cut where a whitespace run
-    starts and joined without EOS (the same tokens as the whole document), so the tokenizer's memory is
-    bounded by this setting, not by the longest document."""
-    seqs_per_shard: int = 65536
-    """Sequences per shard file."""
-    valid_fraction: float = 0.01
-    """Share of documents for `valid` when the corpus has no splits (by document hash)."""
-    test_fraction: float = 0.01
-    """Share of documents for `test` when the corpus has no splits (by document hash)."""
-    num_workers: int = 0
-    """Tokenizer processes; 0 = one per CPU core. 1 = in-process (the library still uses its own threads)."""
-    batch_bytes: int = 1 << 20
-    """Text per encoding task sent to a worker."""
-    skip_bad: bool = False
-    """Skip bad records and unreadable files (counted in the manifest's stats) instead of failing."""
-    seed: int = 0
-    """Salts the document-hash split (only used when the corpus has no splits)."""
-    progress: bool = True
-    """Show a progress bar (stderr)."""
-    name: str = field(default="custom", compare=False)
-    """Preset name this config came from (informational)."""
-
-    def __post_init__(self) -> None:
-        check_field_types(self, self.config_kind)
-        if isinstance(self.corpus, (str, os.PathLike)):
-            self.corpus = (self.corpus,)
-        self.corpus = tuple(str(c) for c in self.corpus)
-        if isinstance(self.meta_fields, str):
-            self.meta_fields = (self.meta_fields,)
-        self.meta_fields = tuple(self.meta_fields)
-        self.out_dir = str(self.out_dir) if self.out_dir else ""
-        self.tokenizer_file = str(self.tokenizer_file) if self.tokenizer_file else None
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or not 2 <= self.seq_len <= 1 << 20:
-            raise SmallTalkError(f"seq_len={self.seq_len!r} makes no sense: use an integer in [2, {1 << 20}] "
-                                 "(the paper uses 1024)")
-        if self.tokenizer_file is None:
-            check_vocab_size(self.vocab_size)
-        for key in ("tokenizer_sample_bytes", "seqs_per_shard", "batch_bytes", "max_doc_chars"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise SmallTalkError(f"prepare config: {key}={value!r} must be a positive integer")
-        if self.max_bytes_per_file is not None and (not isinstance(self.max_bytes_per_file, int)
-                                                    or self.max_bytes_per_file <= 0):
-            raise SmallTalkError(f"prepare config: max_bytes_per_file={self.max_bytes_per_file!r} must be a "
-                                 "positive integer or None")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise SmallTalkError(f"prepare config: num_workers={self.num_workers!r} must be >= 0 (0 = all cores)")
-        for key in ("valid_fraction", "test_fraction"):
-            if not 0 <= getattr(self, key) < 0.5:
-                raise SmallTalkError(f"prepare config: {key}={getattr(self, key)!r} must be in [0, 0.5)")
-        if not self.text_field:
-            raise SmallTalkError("prepare config: text_field must not be empty")
-
-    @property
-    def domain_field(self) -> str | None:
-        return self.meta_fields[0] if self.meta_fields else None
-
-    def resolved_corpus(self) -> tuple[str, ...]:
-        return self.corpus or (str(default_corpus_dir()),)
-
-    def resolved_out_dir(self) -> Path:
-        return Path(self.out_dir or f"runs/data-{self.name}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["corpus"], d["meta_fields"] = list(self.corpus), list(self.meta_fields)
-        return d
-
-
-PREPARE_PRESETS: dict[str, PrepareConfig] = {
-    # Tests and the quickstart: the first 192 KB of each corpus file per split (5 MB of text, 1.9M tokens), ~5 s
-    # on 2 idle cores.
-    "tiny": PrepareConfig(vocab_size=TOKENIZER_PRESETS["tiny"], seq_len=128, tokenizer_sample_bytes=1_000_000,
-                          max_bytes_per_file=192_000, seqs_per_shard=8192, name="tiny"),
-    # The full sample corpus at CPU scale.
-    "cpu": PrepareConfig(vocab_size=TOKENIZER_PRESETS["cpu"], seq_len=256, tokenizer_sample_bytes=20_000_000,
-                         seqs_per_shard=65536, name="cpu"),
-    # The paper's S=1024 and 32k vocabulary.
-    "paper": PrepareConfig(vocab_size=TOKENIZER_PRESETS["paper"], seq_len=1024, tokenizer_sample_bytes=200_000_000,
-                           seqs_per_shard=32768, name="paper"),
-}
-
-
-def preset(name: str, **overrides) -> PrepareConfig:
-    """A copy of the named preset with `overrides` applied."""
-    if name not in PREPARE_PRESETS:
-        raise SmallTalkError(f"unknown prepare preset {name!r}; choose one of {', '.join(PREPARE_PRESETS)}")
-    return PREPARE_PRESETS[name].replace(**overrides)
-
-
-# ----------------------------------------------------------------------------- sources and splits
-
-
-@dataclass(frozen=True)
-class PlannedSource:
-    source: str
-    """A file path or an ``hf:`` spec."""
-    split: str
-    """train / valid / test, or "hash" for a document-hash split."""
-
-
-def _split_subdirs(path: Path) -> dict[str, Path]:
-    out = {}
-    for child in sorted(path.iterdir()):
-        split = _SPLIT_ALIASES.get(child.name.lower())
-        if child.is_dir() and split and split not in out:
-            out[split] = child
-    return out
-
-
-def plan_sources(corpus: Sequence[str]) -> list[PlannedSource]:
-    """Resolve the corpus into files (or hf specs), each bound to a split or to the hash split."""
-    planned: list[PlannedSource] = []
-    for entry in corpus:
-        if is_hf_source(entry):
-            name, config, split = parse_hf_source(entry)
-            names = hf_split_names(entry)
-            prefix = f"hf:{name}:{config}" if config else f"hf:{name}"
-            for n in names:
-                if split is not None or _SPLIT_ALIASES.get(n.lower()):
-                    planned.append(PlannedSource(f"{prefix}:{n}", _SPLIT_ALIASES.get(n.lower(), HASH_SPLIT)))
-            continue
-        path = Path(entry)
-        subdirs = _split_subdirs(path) if path.is_dir() else {}
-        if "train" in subdirs and len(subdirs) > 1:
-            for split in SPLITS:
-                if split in subdirs and any(True for _ in _files_or_empty(subdirs[split])):
-                    planned += [PlannedSource(f, split) for f in resolve_sources(subdirs[split])]
-        else:
-            planned += [PlannedSource(f, HASH_SPLIT) for f in resolve_sources(entry)]
-    # Keep the source's splits only when it has held-out ones; a lone train split is split by hash.
-    if not any(p.split in ("valid", "test") for p in planned):
-        planned = [PlannedSource(p.source, HASH_SPLIT) for p in planned]
-    order = {s: i for i, s in enumerate(SPLITS + (HASH_SPLIT,))}
-    planned = sorted(dict.fromkeys(planned), key=lambda p: order[p.split])  # stable: keeps file order per split
-    return planned
-
-
-def _files_or_empty(directory: Path) -> Iterator[Path]:
-    try:
-        yield from resolve_sources(directory)
-    except SmallTalkError:
-        return
-
-
-def _source_fingerprint(planned: list[PlannedSource]) -> list[dict]:
-    out = []
-    for p in planned:
-        entry = {"path": p.source, "split": p.split}
-        if not is_hf_source(p.source):
-            st = Path(p.source).stat()
-            entry.update(path=str(Path(p.source).resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns)
-        out.append(entry)
-    return out
+STATE = ".prepare_state.json"
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def _hash_split(text: str, cfg: PrepareConfig) -> str:
-    key = int(cfg.seed).to_bytes(8, "little", signed=True)
-    u = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key).digest(), "little") / 2**64
-    if u < cfg.test_fraction:
-        return "test"
-    return "valid" if u < cfg.test_fraction + cfg.valid_fraction else "train"
-
-
-def _truncate_utf8(text: str, max_bytes: int) -> str:
-    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
-
-
-def iter_split_documents(planned: list[PlannedSource], cfg: PrepareConfig, stats: ReadStats,
-                         budget_per_file: int | None = None,
-                         only_split: str | None = None) -> Iterator[tuple[str, Document]]:
-    """Yield (split, document) over all planned sources in order.
-
-    `budget_per_file` caps the UTF-8 bytes taken from each file per split (the last document is
-    cut); for a hash-split file reading stops once its train share is full.
-    """
-    for p in planned:
-        if only_split is not None and p.split not in (only_split, HASH_SPLIT):
-            continue
-        used = collections.Counter()
-        capped: set[str] = set()
-        for doc in iter_documents(p.source, cfg.text_field, cfg.meta_fields, cfg.skip_bad, stats):
-            split = p.split if p.split != HASH_SPLIT else _hash_split(doc.text, cfg)
-            if only_split is not None and split != only_split:
-                continue
-            if budget_per_file is not None:
-                room = budget_per_file - used[split]
-                if room <= 0:
-                    if split not in capped:
-                        capped.add(split)
-                        stats.capped += 1
-                    if p.split != HASH_SPLIT or split == "train":
-                        break
-                    continue
-                nbytes = len(doc.text.encode("utf-8"))
-                if nbytes > room:
-                    if split not in capped:
-                        capped.add(split)
-                        stats.capped += 1
-                    doc = dataclasses.replace(doc, text=_truncate_utf8(doc.text, room))
-                used[split] += min(nbytes, room)
-            yield split, doc
-
-
-# ----------------------------------------------------------------------------- encoding workers
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(tokenizer_json: str, dtype: str, in_pool: bool = True) -> None:
-    from tokenizers import Tokenizer
-
-    if in_pool:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    raw = tokenizer_json.encode("utf-8")
-    _WORKER["tokenizer"] = TextTokenizer(Tokenizer.from_str(tokenizer_json), raw)
-    _WORKER["dtype"] = np.dtype(dtype)
-
-
-def _encode_batch(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens with an EOS after each document's last piece, per-piece lengths incl. EOS, UTF-8 bytes)."""
-    tokens, lengths = _WORKER["tokenizer"].encode_documents(texts, dtype=_WORKER["dtype"], ends=ends)
-    return tokens, lengths, sum(len(t.encode("utf-8")) for t in texts)
-
-
-_RUN_START = re.compile(r"\S(?=\s)")  # the last character before a whitespace run
-
-
-def document_pieces(text: str, max_chars: int) -> Iterator[tuple[str, bool]]:
-    """(piece, is_last) of a document, each at most `max_chars` long. A piece ends where a whitespace run
-    starts in the last tenth of the window: byte-level BPE never joins a character with the whitespace
-    after it, so the pieces' tokens are the whole document's (a window with no whitespace at all is cut
-    where it ends, which may split one word's tokens)."""
-    start = 0
-    while len(text) - start > max_chars:
-        end = start + max_chars
-        floor = max(start + 1, end - max(1, max_chars // 10))
-        last = None
-        for last in _RUN_START.finditer(text, floor - 1, end):
-            pass
-        end = last.end() if last is not None else end
-        yield text[start:end], False
-        start = end
-    yield text[start:], True
-
-
-class _Done:
-    """An already computed result with the `AsyncResult.get` interface (in-process encoding)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def get(self):
-        return self.value
-
-
-class _Encoder:
-    """Runs `_encode_batch` in a process pool (or in-process when num_workers <= 1), results in order."""
-
-    def __init__(self, tokenizer: TextTokenizer, dtype: np.dtype, num_workers: int):
-        self.pool = None
-        args = (tokenizer.to_json(), dtype.str)
-        if num_workers <= 1:
-            _worker_init(*args, in_pool=False)  # the library still encodes a batch on its own threads
-            return
-        # fork starts workers in milliseconds and needs no `if __name__ == "__main__"` guard in user scripts;
-        # elsewhere (macOS, Windows) fork is unsafe or absent.
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        # Set before forking so the children do not warn that the parent used parallelism.
-        previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            self.pool = mp.get_context(method).Pool(num_workers, initializer=_worker_init, initargs=args)
-        finally:
-            if previous is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = previous
-
-    def submit(self, texts: list[str], ends: list[bool]):
-        if self.pool is None:
-            return _Done(_encode_batch(texts, ends))
-        return self.pool.apply_async(_encode_batch, (texts, ends))
-
-    def close(self, ok: bool) -> None:
-        if self.pool is not None:
-            if ok:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()
-            self.pool = None
 
 
 # ----------------------------------------------------------------------------- per-split output
@@ -439,13 +108,13 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] | None = None) -> dic
     out = cfg.resolved_out_dir()
     planned = plan_sources(cfg.resolved_corpus())
     given = load_tokenizer(cfg.tokenizer_file) if cfg.tokenizer_file else None
-    identity = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
+    identity = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY}
     if given is not None:
         identity.pop("vocab_size")
         identity["tokenizer_sha256"] = given.sha256
-    identity["sources"] = _source_fingerprint(planned)
+    identity["sources"] = source_fingerprint(planned)
     fingerprint = _digest(identity)
-    tokenizer_fingerprint = _digest({k: v for k, v in identity.items() if k not in _NOT_TOKENIZER_IDENTITY})
+    tokenizer_fingerprint = _digest({k: v for k, v in identity.items() if k not in NOT_TOKENIZER_IDENTITY})
 
     existing = _up_to_date(out, fingerprint)
     if existing is not None:
@@ -595,7 +264,7 @@ def _encode_all(cfg: PrepareConfig, out: Path, planned: list[PlannedSource], tok
     stats = ReadStats()
     num_workers = cfg.num_workers or os.cpu_count() or 1
     log(f"tokenizing and packing into {out} ({num_workers} worker{'s' * (num_workers > 1)}, seq_len {cfg.seq_len})")
-    encoder = _Encoder(tokenizer, dtype, num_workers)
+    encoder = DocumentEncoder(tokenizer, dtype, num_workers)
     in_flight: collections.deque = collections.deque()
     pending = {s: ([], [], [], 0) for s in SPLITS}  # split -> (texts, domain ids, ends-a-document flags, chars)
     bar = tqdm(desc=f"prepare {cfg.name}", unit="B", unit_scale=True, disable=not cfg.progress, leave=False)
@@ -667,43 +336,3 @@ def _domain_id(doc: Document, field_name: str | None, domains: list[str], ids: d
     return ids[name]
 
 
-# ----------------------------------------------------------------------------- reading it back
-
-
-def load_manifest(data_dir: str | Path, check_shards: bool = False) -> dict:
-    """Read ``<data_dir>/manifest.json`` and check it describes a complete smalltalk token dataset.
-
-    With `check_shards`, every shard's header and size are checked too (cheap: no token is read).
-    """
-    data_dir = Path(data_dir)
-    path = data_dir / MANIFEST
-    if not path.is_file():
-        raise SmallTalkError(f"{data_dir}: no {MANIFEST}; run `smalltalk prepare --out {data_dir}` first")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SmallTalkError(f"{path}: not a smalltalk token-dataset manifest (format "
-                             f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("version") != VERSION:
-        raise SmallTalkError(f"{path}: manifest version {manifest.get('version')}, this smalltalk reads {VERSION}; "
-                             "re-run `smalltalk prepare`")
-    for key in ("seq_len", "vocab_size", "token_dtype", "tokenizer", "domains", "splits"):
-        if key not in manifest:
-            raise SmallTalkError(f"{path}: manifest lacks {key!r}; re-run `smalltalk prepare`")
-    for split, info in manifest["splits"].items():
-        for shard in info.get("shards", []):
-            shard_path = data_dir / shard["file"]
-            if not shard_path.is_file():
-                raise SmallTalkError(f"{shard_path}: shard listed in the manifest is missing; re-run "
-                                     "`smalltalk prepare`")
-            if check_shards:
-                header = read_header(shard_path)
-                if header.num_seqs != shard["num_seqs"] or header.seq_len != manifest["seq_len"]:
-                    raise SmallTalkError(f"{shard_path}: shard does not match the manifest; re-run "
-                                         "`smalltalk prepare`")
-    tok_file = data_dir / manifest["tokenizer"].get("file", TOKENIZER_FILE)
-    if not tok_file.is_file():
-        raise SmallTalkError(f"{tok_file}: tokenizer listed in the manifest is missing; re-run `smalltalk prepare`")
-    if check_shards and hashlib.sha256(tok_file.read_bytes()).hexdigest() != manifest["tokenizer"].get("sha256"):
-        raise SmallTalkError(f"{tok_file}: tokenizer differs from the one the manifest names; re-run "
-                             "`smalltalk prepare`")
-    return manifest

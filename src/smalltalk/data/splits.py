@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SmallTalkError
-from ..io import read_json, sha256_file
+from .manifest import read_data_manifest
 from .shards import TokenDataset
 
 
@@ -35,16 +35,15 @@ class SplitData:
 
 def split_sizes(data_dir: str | Path) -> dict[str, int]:
     """{split: sequences} as ``<data_dir>/manifest.json`` lists them (train, valid, test, ... as prepared)."""
-    manifest = read_json(Path(data_dir) / "manifest.json")
-    splits = manifest.get("splits", {}) if isinstance(manifest, dict) else {}
-    return {name: int(info.get("num_seqs", 0)) for name, info in splits.items()}
+    data = read_data_manifest(data_dir)
+    return {name: data.num_seqs(name) for name in data.splits}
 
 
 def load_split(data_dir: str | Path, split: str) -> SplitData:
     """Open ``<data_dir>/<split>`` with the facts of ``<data_dir>/manifest.json`` (written by `smalltalk prepare`)."""
     data_dir = Path(data_dir)
-    manifest = read_json(data_dir / "manifest.json")
-    splits = manifest.get("splits", {}) if isinstance(manifest, dict) else {}
+    data = read_data_manifest(data_dir)
+    splits = data.splits
     if split not in splits:
         raise SmallTalkError(f"{data_dir / 'manifest.json'}: no split {split!r} (has {sorted(splits)}); "
                              "choose another --split or re-run `smalltalk prepare`")
@@ -54,13 +53,9 @@ def load_split(data_dir: str | Path, split: str) -> SplitData:
     if len(dataset) == 0:
         raise SmallTalkError(f"{data_dir / split}: split {split!r} has no sequences; prepare more text or a "
                              "shorter --seq-len")
-    tok = manifest.get("tokenizer", {}) or {}
-    tokenizer_file = data_dir / tok.get("file", "tokenizer.json")
-    tokenizer_file = tokenizer_file if tokenizer_file.is_file() else None
-    # The sha of the file's bytes is the identity models record (model/io.py hashes the same way).
-    sha = sha256_file(tokenizer_file) if tokenizer_file is not None else tok.get("sha256")
     num_bytes = info.get("num_bytes")
-    return SplitData(dataset, split, int(num_bytes) if num_bytes else None, tokenizer_file, sha)
+    return SplitData(dataset, split, int(num_bytes) if num_bytes else None, data.tokenizer_file,
+                     data.tokenizer_identity())
 
 
 def evenly_spaced(num_seqs: int, count: int) -> np.ndarray:

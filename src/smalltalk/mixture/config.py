@@ -9,7 +9,7 @@ stage plus overrides". A YAML file looks like::
     seed: 0
     num_experts: 4          # E, for routers, shards and experts
     prefix_len: 32          # M, the routing prefix (routers train and score on it)
-    data:         {preset: tiny, max_docs_per_domain: 100}    # smalltalk.data.prepare.PrepareConfig
+    data:         {preset: tiny, max_docs_per_domain: 100}    # smalltalk.data.prepare_config.PrepareConfig
     routers:      {preset: tiny, iterations: 4}                # smalltalk.routing.config.RouterEMConfig
     expert_model: {preset: tiny, hidden_size: 96}              # smalltalk.model.config.ModelConfig
     expert_train: {preset: tiny, max_steps: 300}               # smalltalk.train.config.TrainConfig
@@ -40,13 +40,6 @@ from ..train.config import TRAIN_PRESETS, TrainConfig
 from .evaluate import EvalConfig
 
 
-def _prepare_module():
-    # `smalltalk.data.prepare` the module (the package re-exports a function of the same name).
-    import importlib
-
-    return importlib.import_module("smalltalk.data.prepare")
-
-
 def _section(kind: str, value: Any, presets: dict, cls) -> Any:
     """A section given as a config object, a preset name, or a dict {"preset": name, **overrides}."""
     try:
@@ -75,9 +68,9 @@ def _build_section(kind: str, value: Any, presets: dict, cls) -> Any:
 
 
 def _data_section(value: Any):
-    prepare = _prepare_module()
-    cls = prepare.PrepareConfig
-    return _section("data", value, prepare.PREPARE_PRESETS, cls)
+    from ..data.prepare_config import PREPARE_PRESETS, PrepareConfig
+
+    return _section("data", value, PREPARE_PRESETS, PrepareConfig)
 
 
 @dataclass
@@ -91,7 +84,7 @@ class RunConfig:
     prefix_len: int = 64
     """M: routing prefix length in tokens (routers train on it; sharding and inference route on it)."""
     data: Any = "tiny"
-    """`PrepareConfig`, a preset name of `smalltalk.data.prepare.PREPARE_PRESETS`, or {"preset": ..., **overrides}."""
+    """`PrepareConfig`, a preset name of `smalltalk.data.prepare_config.PREPARE_PRESETS`, or {"preset": ..., **overrides}."""
     routers: Any = "tiny"
     """`RouterEMConfig` (its num_experts / prefix_len / seed are set from this config)."""
     expert_model: Any = "tiny"

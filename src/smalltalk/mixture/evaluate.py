@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import SmallTalkError
 from ..model.io import load_model_dir
+from ..data.manifest import read_data_manifest
 from ..data.splits import evenly_spaced, load_split
 from ..routing import rule
 from .inference import Mixture, router_token_logprobs, token_logprobs
@@ -203,12 +204,9 @@ def evaluate_mixture(bundle: str | Path | Mixture, dense_dir: str | Path, data_d
     domains = split.dataset.domains(indices)
     tables = score_tables(mixture, dense_dir, tokens, domains, batch_size=cfg.batch_size,
                           keep_token_logp=cfg.top_k > 1, progress=progress)
-    from ..io import read_json
-
-    manifest = read_json(Path(data_dir) / "manifest.json")
     result = summarize(tables, prefix_len=mixture.info.prefix_len, prefix_lens=cfg.prefix_lens, top_k=cfg.top_k,
                        train_shares=[x.train_share for x in mixture.info.experts],
-                       domain_names=manifest.get("domains"), bytes_per_token=split.bytes_per_token)
+                       domain_names=read_data_manifest(data_dir).domains, bytes_per_token=split.bytes_per_token)
     result["split"] = cfg.split
     result["split_num_seqs"] = len(split.dataset)
     result["config"] = asdict(cfg)

@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from ..data.manifest import is_prepared, read_data_manifest
 from ..data.shards import TokenDataset
 from ..errors import SmallTalkError
 from ..routing import rule
 from ..io import atomic_open, atomic_write_json, read_json
 from ..data.splits import SplitData, load_split
+from ..routing.routers_dir import has_routers, read_routers_manifest
 from .config import RunConfig
 from .layout import RunLayout
 
@@ -79,22 +81,18 @@ def check_shards(layout: RunLayout, cfg: RunConfig) -> dict:
         raise SmallTalkError(f"{path}: the data is sharded for num_experts={E} but the run config says "
                              f"num_experts={cfg.num_experts}; re-shard with E={cfg.num_experts} or use a config with "
                              f"num_experts={E}")
-    routers_manifest = layout.routers / "manifest.json"
-    if routers_manifest.is_file():
-        mine = [r["weights_sha256"] for r in read_json(routers_manifest)["routers"]]
+    if has_routers(layout.routers):
+        mine = read_routers_manifest(layout.routers).weights_sha256
         used = (manifest.get("routers") or {}).get("weights_sha256")
         if used is not None and used != mine:
             raise SmallTalkError(f"{path}: these expert shards were routed by other routers "
-                                 f"({(manifest.get('routers') or {}).get('dir')}) than this run's ({routers_manifest}); "
+                                 f"({(manifest.get('routers') or {}).get('dir')}) than this run's ({layout.routers}); "
                                  f"delete {layout.shards} and re-run the shard stage with this run's routers")
-    data_manifest = layout.data / "manifest.json"
-    if data_manifest.is_file() and manifest.get("tokenizer_sha256"):
-        from ..routing.sharding import data_tokenizer_sha256
-
-        data_sha = data_tokenizer_sha256(layout.data, read_json(data_manifest))
+    if is_prepared(layout.data) and manifest.get("tokenizer_sha256"):
+        data_sha = read_data_manifest(layout.data).tokenizer_identity()
         if data_sha and data_sha != manifest["tokenizer_sha256"]:
             raise SmallTalkError(f"{path}: the shards were made with tokenizer sha256 {manifest['tokenizer_sha256'][:12]} "
-                                 f"but this run's data ({data_manifest}) uses {data_sha[:12]}; re-shard this run's data")
+                                 f"but this run's data ({layout.data}) uses {data_sha[:12]}; re-shard this run's data")
     return manifest
 
 
@@ -143,7 +141,7 @@ def valid_routes(layout: RunLayout, cfg: RunConfig) -> tuple[np.ndarray, np.ndar
     if path.is_file():
         table = np.load(path)  # (2, n): indices, experts
         return table[0], table[1]
-    from ..routing.em import load_routers
+    from ..routing.routers_dir import load_routers
     from ..routing.score import StackedRouters, score_dataset
     from .inference import resolve_device
 

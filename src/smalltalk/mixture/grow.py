@@ -80,11 +80,13 @@ class GrowConfig(DictConfig):
 
 
 def _new_data(info, sources: Sequence[str], work: Path, cfg: GrowConfig):
-    from ..data.prepare import PrepareConfig, prepare
+    from ..data.manifest import is_prepared
+    from ..data.prepare import prepare
+    from ..data.prepare_config import PrepareConfig
     from ..data.splits import load_split
 
     given = Path(sources[0]) if len(sources) == 1 else None
-    if given is not None and (given / "manifest.json").is_file():  # already prepared
+    if given is not None and is_prepared(given):
         data_dir = given
     else:
         data_dir = work / "data"

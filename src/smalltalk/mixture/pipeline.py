@@ -31,9 +31,11 @@ from typing import Callable
 
 import numpy as np
 
+from ..data.manifest import is_prepared, read_data_manifest
 from ..errors import SmallTalkError
 from ..io import atomic_write_json, read_json
 from ..locks import DirLock
+from ..routing.routers_dir import has_routers, read_routers_manifest
 from .config import RunConfig
 from .dense import dense_done, train_dense
 from .experts import check_expert_provenance, check_shards, expert_done, train_expert
@@ -200,8 +202,8 @@ def _eval_done(layout: RunLayout, cfg: RunConfig) -> bool:
 
 
 DONE: dict[str, Callable[[RunLayout, RunConfig], bool]] = {
-    "prepare": lambda L, c: (L.data / "manifest.json").is_file(),
-    "routers": lambda L, c: (L.routers / "manifest.json").is_file(),
+    "prepare": lambda L, c: is_prepared(L.data),
+    "routers": lambda L, c: has_routers(L.routers),
     "shard": lambda L, c: L.shards_manifest.is_file(),
     "experts": lambda L, c: all(expert_done(L, k) for k in range(c.num_experts)),
     "dense": lambda L, c: dense_done(L),
@@ -325,29 +327,27 @@ def training_curves(layout: RunLayout, cfg: RunConfig, overhead_flops: int) -> d
 
 def run_costs_of(layout: RunLayout, cfg: RunConfig):
     from .costs import run_costs
-    from ..model.config import ModelConfig
 
-    data = read_json(layout.data / "manifest.json")
-    routers = read_json(layout.routers / "manifest.json")
+    data = read_data_manifest(layout.data)
+    routers = read_routers_manifest(layout.routers)
     shards = read_json(layout.shards_manifest)
-    em = routers["em"]
-    S, V = int(data["seq_len"]), int(data["vocab_size"])
+    em, iterations = routers.em, int(routers.raw["iterations_completed"])
+    S = data.seq_len
     dense = cfg.dense_train()
     return run_costs(
-        expert_cfg=cfg.expert_model.replace(vocab_size=V, max_seq_len=S),
-        router_cfg=ModelConfig.from_dict(routers["router_model"]), num_experts=cfg.num_experts, seq_len=S,
-        prefix_len=int(routers["prefix_len"]), expert_steps=cfg.expert_train.max_steps,
+        expert_cfg=cfg.expert_model.replace(vocab_size=data.vocab_size, max_seq_len=S),
+        router_cfg=routers.router_model, num_experts=cfg.num_experts, seq_len=S,
+        prefix_len=routers.prefix_len, expert_steps=cfg.expert_train.max_steps,
         expert_batch_size=cfg.expert_train.batch_size, dense_steps=dense.max_steps, dense_batch_size=dense.batch_size,
-        router_steps=int(em["steps_per_iteration"]) * int(routers["iterations_completed"]),
-        router_batch_size=int(em["batch_size"]), router_train_len=int(routers["prefix_len"]),
-        em_scored_seqs=int(em["num_seqs_resolved"]) * int(routers["iterations_completed"]),
+        router_steps=int(em["steps_per_iteration"]) * iterations,
+        router_batch_size=int(em["batch_size"]), router_train_len=routers.prefix_len,
+        em_scored_seqs=int(em["num_seqs_resolved"]) * iterations,
         shard_scored_seqs=int(shards["splits"]["train"]["num_seqs"]))
 
 
 def collect_results(layout: RunLayout, cfg: RunConfig) -> dict:
     import torch
 
-    from ..model.config import ModelConfig
     from ..model.flops import inference_flops
 
     costs = run_costs_of(layout, cfg)
@@ -355,7 +355,7 @@ def collect_results(layout: RunLayout, cfg: RunConfig) -> dict:
     timings = read_json(layout.stages) if layout.stages.is_file() else {}
     ev = read_json(layout.eval_results)
     # Routing on fewer tokens (M-hat < M) is also cheaper: the inference overhead of each sweep point.
-    router_cfg = ModelConfig.from_dict(read_json(layout.routers / "manifest.json")["router_model"])
+    router_cfg = read_routers_manifest(layout.routers).router_model
     for s in ev.get("prefix_sweep", []):
         routers = cfg.num_experts * inference_flops(router_cfg, int(s["prefix_len"]))
         s["inference_overhead_pct"] = 100.0 * routers / costs.dense_inference

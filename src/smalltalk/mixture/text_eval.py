@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..data.prepare import document_pieces
+from ..data.encode import document_pieces
 from ..data.readers import iter_documents
 from ..errors import SmallTalkError
 from ..routing import rule

@@ -48,22 +48,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from ..errors import SmallTalkError
 from ..io import atomic_open, atomic_write_json, atomic_write_text, read_json
 from ..model.config import ModelConfig, preset
-from ..model.io import sha256_file
+from ..data.manifest import read_data_manifest
 from .analysis import contingency, nll_by_segment, normalized_mutual_info, plot_em, specialisation
 from .assign import assignment_objective, balanced_assignment, random_balanced_assignment, segment_sizes
 from .config import RouterEMConfig
+from .routers_dir import read_routers_manifest, write_routers_manifest
 from .distributed import Workers, init_workers, install_termination_message
 from . import rule
 from .score import StackedRouters, check_prefix_len, mean_prefix_nll, score_dataset
 
 # Config fields that may change when resuming without changing what was already computed.
 _RESUMABLE = {"iterations", "device", "score_batch_size", "name"}
-MANIFEST_FORMAT = "smalltalk-routers"
 
 
 def routers_dir(run_dir: str | Path) -> Path:
@@ -263,9 +262,10 @@ def _train_routers(data_dir: str | Path, run_dir: str | Path, cfg: RouterEMConfi
     manifest = None
     if workers.is_main:
         comm_report = write_comm_report(out, cfg, train.dataset.seq_len, workers.world_size, len(records))
-        manifest = _write_manifest(out, cfg, model_cfg, data_info, records, comm_report, time.perf_counter() - t_start)
+        manifest = write_routers_manifest(out, cfg, model_cfg, data_info, records, comm_report,
+                                          time.perf_counter() - t_start)
     workers.barrier()
-    return manifest if manifest is not None else read_json(out / "manifest.json")
+    return manifest if manifest is not None else read_routers_manifest(out).raw
 
 
 def _resume_hint(out: Path, cfg: RouterEMConfig) -> str:
@@ -292,7 +292,7 @@ def _open_data(data_dir: Path, cfg: RouterEMConfig):
     data_info = {"dir": str(data_dir.resolve()), "tokenizer_sha256": train.tokenizer_sha256,
                  "train_seqs": len(train.dataset), "seq_len": train.dataset.seq_len,
                  "vocab_size": train.dataset.vocab_size,
-                 "domains": list(read_json(data_dir / "manifest.json").get("domains") or [])}
+                 "domains": read_data_manifest(data_dir).domains}
     return train, valid, probe, data_info
 
 
@@ -425,62 +425,3 @@ def write_comm_report(out: Path, cfg: RouterEMConfig, seq_len: int, world_size: 
     }
     atomic_write_json(out / "comm.json", report)
     return report
-
-
-def _write_manifest(out: Path, cfg: RouterEMConfig, model_cfg: ModelConfig, data: dict, records: list[dict],
-                    comm_report: dict, elapsed: float) -> dict:
-    last = records[-1] if records else {}
-    routers = []
-    for e in range(cfg.num_experts):
-        d = out / f"router_{e}"
-        routers.append({"dir": d.name, "weights_sha256": sha256_file(d / "model.safetensors")})
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": 1,
-        "num_experts": cfg.num_experts, "prefix_len": cfg.prefix_len,
-        "routers": routers,
-        "tokenizer_sha256": data["tokenizer_sha256"],
-        "router_model": model_cfg.to_dict(),
-        "em": cfg.to_dict(),
-        "data": data,
-        "iterations_completed": len(records),
-        "final": {k: last.get(k) for k in ("segment_sizes", "heldout_nll", "heldout_nll_by_segment",
-                                            "own_router_best_on_segment", "router_lowest_on_own_segment",
-                                            "router_relatively_best_on_own_segment", "specialised", "nmi",
-                                            "heldout_nmi")},
-        "comm": {"ranks": comm_report["ranks"], "estimate": comm_report["estimate"]},
-        "elapsed_s": elapsed,
-        "torch_threads": torch.get_num_threads(),  # bit-exact results need the same thread count
-        "files": {"log": "em_log.jsonl", "plot": "em_plot.png", "comm": "comm.json", "config": "em_config.json"},
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
-
-
-def load_routers(directory: str | Path, device: str = "cpu"):
-    """(list of E Transformers, manifest) from a ``routers/`` directory written by `train_routers`."""
-    from ..model.io import load_model_dir
-
-    directory = Path(directory)
-    if not (directory / "manifest.json").is_file():
-        raise SmallTalkError(f"{directory}: no routers manifest.json there; pass the routers/ directory written by a "
-                             "completed `smalltalk train-routers` run (RUN_DIR/routers)")
-    manifest = read_json(directory / "manifest.json")
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise SmallTalkError(f"{directory / 'manifest.json'}: not a routers manifest (format "
-                             f"{manifest.get('format') if isinstance(manifest, dict) else None!r}); pass the "
-                             "routers/ directory written by `smalltalk train-routers`")
-    models = []
-    for e, entry in enumerate(manifest["routers"]):
-        d = directory / entry["dir"]
-        if entry.get("weights_sha256") and (d / "model.safetensors").is_file() \
-                and sha256_file(d / "model.safetensors") != entry["weights_sha256"]:
-            raise SmallTalkError(f"{d / 'model.safetensors'}: router {e} weights do not match the sha256 in "
-                                 f"{directory / 'manifest.json'}; the routers directory was modified: re-run "
-                                 "train-routers")
-        model, config_json = load_model_dir(d, device=device)
-        if config_json.get("tokenizer_sha256") != manifest.get("tokenizer_sha256"):
-            raise SmallTalkError(f"{d}: router {e} was trained with tokenizer "
-                                 f"{str(config_json.get('tokenizer_sha256'))[:12]}, the manifest says {str(manifest.get('tokenizer_sha256'))[:12]}; the routers "
-                                 "directory is mixed up: re-run train-routers")
-        models.append(model)
-    return models, manifest

@@ -36,24 +36,18 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..data.manifest import DataManifest, read_data_manifest, subset_split, write_subset_manifest
 from ..data.shards import ShardWriter
 from ..errors import SmallTalkError
-from ..io import atomic_open, atomic_write_bytes, atomic_write_json, read_json
+from ..io import atomic_open, atomic_write_json, read_json
 from ..model.io import sha256_file
 from .analysis import contingency
 from .assign import balanced_assignment, segment_sizes
 from .distributed import Workers, init_workers
-from .em import load_routers
+from .routers_dir import MANIFEST as ROUTERS_MANIFEST, load_routers
 from .score import StackedRouters, check_prefix_len, score_dataset
 
-MANIFEST_FORMAT = "smalltalk-expert-shards"
-
-
-def data_tokenizer_sha256(data_dir: Path, manifest: dict) -> str | None:
-    """The identity models record for a data directory's tokenizer: sha256 of its file (as train/evaluate.py)."""
-    tok = manifest.get("tokenizer", {}) or {}
-    path = data_dir / tok.get("file", "tokenizer.json")
-    return sha256_file(path) if path.is_file() else tok.get("sha256")
+MANIFEST_FORMAT, SHARDS_MANIFEST = "smalltalk-expert-shards", "manifest.json"
 
 
 def chunk_order(num_seqs: int, seed: int) -> np.ndarray:
@@ -119,10 +113,10 @@ def _shard_dataset(data_dir, routers, out, *, chunk_size, splits, batch_size, se
     say = say if workers.is_main else (lambda msg: None)
     data_dir, routers, out = Path(data_dir), Path(routers), Path(out)
 
-    data_manifest = read_json(data_dir / "manifest.json")
+    data = read_data_manifest(data_dir)
     models, rmanifest = load_routers(routers, device=str(workers.device))
     E, M = int(rmanifest["num_experts"]), int(rmanifest["prefix_len"])
-    data_sha = data_tokenizer_sha256(data_dir, data_manifest)
+    data_sha = data.tokenizer_identity()
     if data_sha != rmanifest.get("tokenizer_sha256"):
         raise SmallTalkError(f"{routers}: routers were trained with tokenizer sha256 "
                              f"{str(rmanifest.get('tokenizer_sha256'))[:12]}, but {data_dir} uses "
@@ -133,7 +127,7 @@ def _shard_dataset(data_dir, routers, out, *, chunk_size, splits, batch_size, se
         raise SmallTalkError(f"chunk_size={chunk_size} is smaller than the {E} experts: balanced assignment could "
                              "leave experts empty; use --chunk-size >= --num-experts")
     seed = int(rmanifest["em"].get("seed", 0) if seed is None else seed)
-    domain_names = list(data_manifest.get("domains") or [])
+    domain_names = data.domains
     router_weights = [r["weights_sha256"] for r in rmanifest["routers"]]
     settings = {"data_dir": str(data_dir.resolve()), "routers_dir": str(routers.resolve()),
                 "routers_sha256": hashlib.sha256("".join(router_weights).encode()).hexdigest(),
@@ -169,10 +163,10 @@ def _shard_dataset(data_dir, routers, out, *, chunk_size, splits, batch_size, se
     workers.barrier()
     manifest = None
     if workers.is_main:
-        manifest = _write_manifests(out, data_dir, data_manifest, rmanifest, routers, settings, domain_names,
+        manifest = _write_manifests(out, data, rmanifest, routers, settings, domain_names,
                                     time.perf_counter() - t_start)
     workers.barrier()
-    return manifest if manifest is not None else read_json(out / "manifest.json")
+    return manifest if manifest is not None else read_json(out / SHARDS_MANIFEST)
 
 
 def _shard_chunk(stacked: StackedRouters, ds, split: str, c: int, idx: np.ndarray, prefix_len: int, batch_size: int,
@@ -202,14 +196,13 @@ def _shard_chunk(stacked: StackedRouters, ds, split: str, c: int, idx: np.ndarra
     return counts
 
 
-def _write_manifests(out: Path, data_dir: Path, data_manifest: dict, rmanifest: dict, routers: Path, settings: dict,
+def _write_manifests(out: Path, data: DataManifest, rmanifest: dict, routers: Path, settings: dict,
                      domain_names: list[str], elapsed: float) -> dict:
     E = settings["num_experts"]
-    seq_len = int(data_manifest["seq_len"])
     splits_out: dict[str, Any] = {}
     per_expert: list[dict[str, Any]] = [{} for _ in range(E)]
     for split in settings["splits"]:
-        src = data_manifest["splits"][split]
+        src = data.splits[split]
         num_chunks = -(-int(src["num_seqs"]) // settings["chunk_size"])
         counts = np.zeros(E, dtype=np.int64)
         dom = np.zeros((E, max(1, len(domain_names))), dtype=np.int64)
@@ -228,54 +221,30 @@ def _write_manifests(out: Path, data_dir: Path, data_manifest: dict, rmanifest: 
                              "counts": counts.tolist(),
                              "domain_counts": [{d: int(dom[e, i]) for i, d in enumerate(domain_names)}
                                                for e in range(E)]}
-        src_bytes = src.get("num_bytes")
         for e in range(E):
-            files = sorted((out / f"expert_{e}" / split).glob("shard_*.bin"))
-            per_expert[e][split] = {
-                "shards": [{"file": f"{split}/{p.name}", "num_seqs": _num_seqs(p)} for p in files],
-                "num_seqs": int(counts[e]), "num_tokens": int(counts[e]) * seq_len,
-                "num_documents": None,
-                # Bytes are only known per split: apportioned by sequence count (approximate, for bits per byte).
-                "num_bytes": int(round(src_bytes * counts[e] / max(1, int(src["num_seqs"])))) if src_bytes else None,
-                "domain_counts": {d: int(dom[e, i]) for i, d in enumerate(domain_names)},
-            }
+            per_expert[e][split] = subset_split(out / f"expert_{e}", split, int(counts[e]), src, data.seq_len,
+                                                {d: int(dom[e, i]) for i, d in enumerate(domain_names)})
     experts = []
     for e in range(E):
         edir = out / f"expert_{e}"
-        write_expert_manifest(edir, data_dir, data_manifest, per_expert[e], e, {"shard": settings})
+        write_subset_manifest(edir, data, per_expert[e], e, {"shard": settings})
         experts.append({"dir": edir.name, **{s: per_expert[e][s]["num_seqs"] for s in settings["splits"]}})
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": 1, "num_experts": E, "prefix_len": settings["prefix_len"],
-        "chunk_size": settings["chunk_size"], "experts": experts, "splits": splits_out, "domains": domain_names,
-        "routers": {"dir": str(routers.resolve()),
-                    "weights_sha256": [r["weights_sha256"] for r in rmanifest["routers"]],
-                    "manifest_sha256": sha256_file(routers / "manifest.json")},
-        "tokenizer_sha256": settings["tokenizer_sha256"], "data_dir": settings["data_dir"],
-        "elapsed_s": elapsed, "torch_threads": torch.get_num_threads(),
-    }
-    atomic_write_json(out / "manifest.json", manifest)
+    return write_shards_manifest(out, E, settings["prefix_len"], settings["chunk_size"], experts, splits_out,
+                                 domain_names, settings["tokenizer_sha256"], settings["data_dir"],
+                                 routers={"dir": str(routers.resolve()),
+                                          "weights_sha256": [r["weights_sha256"] for r in rmanifest["routers"]],
+                                          "manifest_sha256": sha256_file(routers / ROUTERS_MANIFEST)},
+                                 elapsed_s=elapsed, torch_threads=torch.get_num_threads())
+
+
+def write_shards_manifest(out: Path, num_experts: int, prefix_len: int, chunk_size: int, experts: list[dict],
+                          splits: dict, domains: list[str], tokenizer_sha256: str | None, data_dir: str,
+                          **provenance: Any) -> dict:
+    """Write (last) and return the expert-shards manifest ``<out>/manifest.json``: per expert its directory and
+    sequence counts, per split the routing's counts and domain table, and where the shards came from
+    (`provenance`: the routers, or the partition method of a derived run)."""
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "num_experts": num_experts, "prefix_len": int(prefix_len),
+                "chunk_size": chunk_size, "experts": experts, "splits": splits, "domains": list(domains),
+                **provenance, "tokenizer_sha256": tokenizer_sha256, "data_dir": data_dir}
+    atomic_write_json(out / SHARDS_MANIFEST, manifest)
     return manifest
-
-
-def write_expert_manifest(edir: Path, data_dir: Path, data_manifest: dict, splits: dict[str, Any], expert: int,
-                          config: dict[str, Any]) -> None:
-    """The prepared-data manifest (and tokenizer copy) of one expert's shard directory, so that every reader of
-    token data (`load_split`, `TokenDataset`) reads an expert's shard like any prepared split."""
-    tok_info = dict(data_manifest.get("tokenizer", {}) or {})
-    tok_file = data_dir / tok_info.get("file", "tokenizer.json")
-    edir.mkdir(parents=True, exist_ok=True)
-    if tok_file.is_file():
-        atomic_write_bytes(edir / tok_file.name, tok_file.read_bytes())
-    atomic_write_json(edir / "manifest.json", {
-        "format": data_manifest.get("format", "smalltalk-tokens"), "version": data_manifest.get("version", 1),
-        "seq_len": int(data_manifest["seq_len"]), "vocab_size": int(data_manifest["vocab_size"]),
-        "token_dtype": data_manifest.get("token_dtype"), "tokenizer": tok_info,
-        "domains": list(data_manifest.get("domains") or []), "splits": splits,
-        "sources": [{"sharded_from": str(data_dir.resolve()), "expert": expert}], "config": config, "stats": {},
-    })
-
-
-def _num_seqs(path: Path) -> int:
-    from ..data.shards import read_header
-
-    return read_header(path).num_seqs
