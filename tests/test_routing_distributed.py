@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 
 from smalltalk.cli import main
 from smalltalk.data.shards import TokenDataset
-from smalltalk.routing.em import routers_dir
+from smalltalk.routing.routers_dir import routers_dir
 from smalltalk.routing.sharding import load_assignment
 
 E, T = 3, 3  # 3 routers over 2 workers: rank 0 owns routers 0 and 2, rank 1 owns router 1

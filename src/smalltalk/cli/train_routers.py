@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..routing.distributed import init_workers, shutdown_workers
-    from ..routing.em import routers_dir, train_routers
+    from ..routing.em import train_routers
+    from ..routing.routers_dir import routers_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)

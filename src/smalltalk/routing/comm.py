@@ -1,6 +1,7 @@
 """Communication estimates of App. A.4, and the measured bytes a routing run writes beside them.
 
-Pure arithmetic (no torch). Paper notation: E routers/experts, S sequence length, B_r router batch,
+The estimates are pure arithmetic (no torch); `CommCounter` and `write_comm_report` record what a run
+measured. Paper notation: E routers/experts, S sequence length, B_r router batch,
 T training tokens per router between two score exchanges, N_steps_router router steps, K message
 size in bytes, B expert batch, W parameters of a data-parallel model.
 
@@ -28,9 +29,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SmallTalkError
-from ..io import read_json
+from ..io import atomic_write_json, read_json
+
+if TYPE_CHECKING:  # the measured side only; the estimates need neither
+    from .config import RouterEMConfig
+    from .distributed import Workers
 
 # Paper settings (App. A.4, Table 2): the CLI defaults.
 PAPER_SETTINGS = {
@@ -198,3 +204,50 @@ def read_measured_comm(run_dir: str | Path) -> dict | None:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise SmallTalkError(f"{path}: rank {row['rank']} {key}={v!r} must be a non-negative number")
     return {"path": str(path), "per_rank": table, "file": data}
+
+
+class CommCounter:
+    """Cumulative bytes of one worker, persisted across resumes in work/comm_rank_{r}.json."""
+
+    def __init__(self, path: Path, workers: Workers):
+        self.path, self.workers = path, workers
+        self.base = read_json(path) if path.exists() else {"bytes_sent": 0, "bytes_received": 0,
+                                                               "routing_bytes_sent": 0, "routing_bytes_received": 0,
+                                                               "exchanges": 0}
+        self.base["rank"] = workers.rank
+
+    def add(self, sent: int, received: int, routing_fraction: float) -> dict:
+        b = self.base
+        b["bytes_sent"] += sent
+        b["bytes_received"] += received
+        b["routing_bytes_sent"] += int(round(sent * routing_fraction))
+        b["routing_bytes_received"] += int(round(received * routing_fraction))
+        b["exchanges"] += 1
+        atomic_write_json(self.path, b)
+        return {"bytes_sent": sent, "bytes_received": received}
+
+
+def write_comm_report(out: Path, cfg: RouterEMConfig, seq_len: int, world_size: int, num_comms: int) -> dict:
+    """``comm.json``: bytes per worker (summed over resumes) beside the App. A.4 estimate for these settings."""
+    ranks = []
+    for path in sorted((out / "work").glob("comm_rank_*.json")):
+        c = read_json(path)
+        if int(c.get("rank", -1)) < world_size:
+            ranks.append(c)
+    bytes_per_score = 2 if cfg.score_dtype == "float16" else 4
+    estimate = comm_estimate(cfg.num_experts, seq_len, tokens_between_comms_for(cfg.num_seqs, cfg.num_experts, seq_len),
+                             bytes_per_score, num_comms=max(1, num_comms), world_size=world_size)
+    report = {
+        "world_size": world_size, "score_dtype": cfg.score_dtype, "exchanges": num_comms,
+        "sequences_per_exchange": cfg.num_seqs, "heldout_per_exchange": cfg.heldout_seqs,
+        "note": ("bytes are payload bytes of the score all-gather counted as a ring moves them ((P-1) blocks each "
+                 "way); routing_bytes_* count only the N routed sequences, the rest is the held-out probe and one "
+                 "row of training losses used for logging"),
+        "ranks": [{"rank": int(c["rank"]), "bytes_sent": int(c["bytes_sent"]),
+                   "bytes_received": int(c["bytes_received"]), "routing_bytes_sent": int(c["routing_bytes_sent"]),
+                   "routing_bytes_received": int(c["routing_bytes_received"]), "exchanges": int(c["exchanges"])}
+                  for c in sorted(ranks, key=lambda c: int(c["rank"]))],
+        "estimate": estimate,
+    }
+    atomic_write_json(out / "comm.json", report)
+    return report

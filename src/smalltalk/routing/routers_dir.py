@@ -24,6 +24,11 @@ from .config import RouterEMConfig
 FORMAT, VERSION, MANIFEST = "smalltalk-routers", 1, "manifest.json"
 
 
+def routers_dir(run_dir: str | Path) -> Path:
+    """Where a run keeps its routers."""
+    return Path(run_dir) / "routers"
+
+
 def has_routers(directory: str | Path) -> bool:
     """Whether `directory` holds finished routers (their manifest exists)."""
     return (Path(directory) / MANIFEST).is_file()
