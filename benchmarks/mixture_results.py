@@ -1,6 +1,6 @@
 """The paper's main result at CPU scale: mixture vs dense test perplexity at equal training tokens/FLOPs.
 
-For each E (default 4; also 2 and 8 with --experts 2,4,8) this is `smalltalk run --config cpu-eE`
+For each E (default 4; also 2 and 8 with --experts 2,4,8) this is `smalltalk run --config cpu --num-experts E`
 (all 10 domains of the sample corpus at a 512-token vocabulary, 42k-parameter experts of the `mini`
 shape, `nano` routers, M = 32: equal training FLOPs with the routers counted, +4% inference FLOPs at
 E = 4): router EM, sharding, E experts, the dense baseline (same steps, E x the batch), the bundle,

@@ -17,7 +17,7 @@ the routers), so they differ from it in routers, shards and experts only. Then:
     random-shards   random equal shards, experts route for themselves              (control)
     specialisation  per-expert shares, domains, NMI, ppl vs dense                  (Figure 5)
 
-    python benchmarks/routing_analyses.py --scale cpu            # cpu-e4 preset (M = 32), all variants: ~1 h
+    python benchmarks/routing_analyses.py --scale cpu            # cpu preset (M = 32), all variants: ~1 h
     python benchmarks/routing_analyses.py --scale tiny           # the quickstart scale
     python benchmarks/routing_analyses.py --scale tiny --base RUN --variants none   # analyses of a finished run
 
@@ -46,7 +46,7 @@ ANALYSES = ("prefix-length", "router-size", "tfidf", "random-shards", "specialis
 SCALES = {
     # run preset, base M, router preset of the "big" variant (the expert's size), test sequences evaluated
     "tiny": {"preset": "tiny", "prefix_len": 64, "big_router": "cpu-small", "max_seqs": 1024},
-    "cpu": {"preset": "cpu-e4", "prefix_len": 32, "big_router": "mini", "max_seqs": 0},
+    "cpu": {"preset": "cpu", "prefix_len": 32, "big_router": "mini", "max_seqs": 0},
 }
 
 

@@ -82,7 +82,7 @@ def _model_dir(layout: RunLayout, k: int) -> Path:
 
 def open_run(run_dir: str | Path, *, need_experts: bool = True) -> RunView:
     """A run directory written by `smalltalk run` (at least through the experts and dense stages)."""
-    from ..mixture.experts import read_run_config
+    from ..mixture.layout import read_run_config
 
     root = Path(run_dir)
     if not root.is_dir():

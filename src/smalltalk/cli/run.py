@@ -1,7 +1,7 @@
 """``smalltalk run``: the whole pipeline from raw text to a report, resumable stage by stage.
 
     smalltalk run --config tiny --out runs/quickstart        # the README quickstart (minutes on 2 cores)
-    smalltalk run --config cpu --out runs/cpu-e4             # the experiment of benchmarks/mixture_results.py
+    smalltalk run --config cpu --out runs/cpu                # the experiment of benchmarks/mixture_results.py
     smalltalk run --config my_run.yaml                       # a YAML file (see smalltalk.mixture.config)
     smalltalk run --config tiny --out R --until shard        # then train experts anywhere (docs/running-experts.md)
 
@@ -19,8 +19,8 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="run the whole pipeline (prepare ... report) from a preset or YAML config",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", help="run preset (tiny, cpu, cpu-e2, cpu-e8, paper-335m-e4, ...) or a "
-                                                    "YAML/JSON file (default tiny)")
+    p.add_argument("--config", default="tiny", help="run preset (tiny, cpu, cpu-small, cpu-medium, cpu-long, paper-335m: "
+                                                    "smalltalk/recipes/*.yaml) or a YAML/JSON file (default tiny)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<config name>)")
     p.add_argument("--until", help="stop after this stage (prepare, routers, shard, experts, dense, bundle, evaluate, "
                                    "report)")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config_dict import check_known_keys
+from ..data.prepare_config import PrepareConfig
 from ..errors import SmallTalkError
 from ..model.config import PRESETS as MODEL_PRESETS
 from ..model.config import ModelConfig
@@ -68,13 +69,16 @@ def _build_section(kind: str, value: Any, presets: dict, cls) -> Any:
 
 
 def _data_section(value: Any):
-    from ..data.prepare_config import PREPARE_PRESETS, PrepareConfig
+    from ..data.prepare_config import PREPARE_PRESETS
 
     return _section("data", value, PREPARE_PRESETS, PrepareConfig)
 
 
 @dataclass
 class RunConfig:
+    """Each stage section is given as its config, a preset name of that stage or {"preset": ..., **overrides};
+    after construction every section is its typed config."""
+
     name: str = "custom"
     """Run name (informational; shown in the report)."""
     seed: int = 0
@@ -83,15 +87,15 @@ class RunConfig:
     """E: routers, data shards and experts."""
     prefix_len: int = 64
     """M: routing prefix length in tokens (routers train on it; sharding and inference route on it)."""
-    data: Any = "tiny"
+    data: PrepareConfig | str | dict = "tiny"
     """`PrepareConfig`, a preset name of `smalltalk.data.prepare_config.PREPARE_PRESETS`, or {"preset": ..., **overrides}."""
-    routers: Any = "tiny"
+    routers: RouterEMConfig | str | dict = "tiny"
     """`RouterEMConfig` (its num_experts / prefix_len / seed are set from this config)."""
-    expert_model: Any = "tiny"
+    expert_model: ModelConfig | str | dict = "tiny"
     """`ModelConfig` of every expert and of the dense baseline; vocabulary and context come from the data."""
-    expert_train: Any = "tiny"
+    expert_train: TrainConfig | str | dict = "tiny"
     """`TrainConfig` of one expert; batch_size is per expert (paper: 128)."""
-    eval: Any = field(default_factory=EvalConfig)
+    eval: EvalConfig | dict = field(default_factory=EvalConfig)
     """`EvalConfig` of the mixture evaluation (test split)."""
     domains: list[str] = field(default_factory=list)
     """Use only these domain files of the corpus (``<split>/<domain>.jsonl.gz``); empty: the whole corpus."""
@@ -187,100 +191,21 @@ class RunConfig:
                 f"{self.dense_train().batch_size}")
 
 
-def _tiny() -> dict:
-    # The README quickstart: minutes on 2 CPU cores, mixture 12.4% below dense (benchmarks/results/
-    # mixture_results_tiny.md). Experts are capacity-starved (`micro`: 16 wide, one layer, 512-token
-    # vocabulary) so that specialisation shows within 200 steps; routers are `tiny` and route on M = 64 of
-    # the 128 tokens. The routers are bigger than the experts, so the FLOPs table shows a large routing
-    # overhead here; the `cpu` presets have paper-like ones.
-    return {"name": "tiny", "num_experts": 4, "prefix_len": 64, "valid_seqs": 1024,
-            "data": {"preset": "tiny", "vocab_size": 512},
-            "routers": {"preset": "tiny", "iterations": 6, "steps_per_iteration": 40, "batch_size": 16},
-            "expert_model": {"preset": "micro"},
-            "expert_train": {"preset": "tiny", "lr": 0.01, "max_steps": 200, "batch_size": 64, "warmup_steps": 10,
-                             "eval_every": 25, "eval_batches": 4, "checkpoint_every": 100},
-            "eval": {"max_seqs": 512, "prefix_lens": [8, 16, 32], "top_k": 2}}
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+"""The run presets: one YAML file each (``smalltalk/recipes/<name>.yaml``), copyable as a starting point."""
 
 
-def _cpu(num_experts: int) -> dict:
-    # The FLOP-fair experiment of benchmarks/mixture_results.py: equal training FLOPs with the
-    # routers counted, and inference within +10% of dense. On 2 CPU cores that means small models: experts
-    # of `mini` shape at 32 wide (42k parameters, ~200 training tokens per parameter, the overtrained regime
-    # of the paper's experts) and `nano` routers (5k) on a 32-token prefix: E = 4 adds +4% inference FLOPs.
-    # A 512-token vocabulary keeps the output head, which no router can share, from dominating both. The
-    # first 6 MB of each corpus file (~60 MB of text, all 10 domains). Measured at E = 4: mixture 11.7% below
-    # dense, every expert below dense on its segment (benchmarks/results/mixture_results.md).
-    return {"name": f"cpu-e{num_experts}", "num_experts": num_experts, "prefix_len": 32, "valid_seqs": 2048,
-            "data": {"preset": "cpu", "vocab_size": 512, "tokenizer_sample_bytes": 4_000_000,
-                     "max_bytes_per_file": 6_000_000},
-            "routers": {"preset": "cpu", "router_preset": "nano", "iterations": 6, "steps_per_iteration": 80,
-                        "batch_size": 64, "lr": 0.01, "warmup_steps": 20},
-            "expert_model": {"preset": "mini", "hidden_size": 32},
-            "expert_train": {"preset": "cpu-small", "lr": 0.01, "max_steps": 500, "batch_size": 64,
-                             "warmup_steps": 20, "eval_every": 50, "eval_batches": 4, "checkpoint_every": 100},
-            "eval": {"max_seqs": 4096, "prefix_lens": [8, 16], "top_k": 2}}
+def _read_recipe(path: Path) -> dict:
+    import yaml
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise SmallTalkError(f"{path}: a run preset must be a YAML mapping")
+    return raw
 
 
-def _cpu_small(num_experts: int) -> dict:
-    # `cpu-small` experts (5.3M) and `cpu-router` routers on the whole corpus (8192-token vocabulary):
-    # far fewer tokens per parameter than the paper (~0.4 at 500 steps): hours on 2 CPU cores; the base of
-    # `cpu-long`.
-    return {"name": f"cpu-small-e{num_experts}", "num_experts": num_experts, "prefix_len": 48, "data": {"preset": "cpu"},
-            "routers": {"preset": "cpu"}, "expert_model": {"preset": "cpu-small"},
-            "expert_train": {"preset": "cpu-small"}, "eval": {"max_seqs": 4096, "prefix_lens": [8, 16, 32], "top_k": 2}}
-
-
-def _cpu_long(num_experts: int) -> dict:
-    # The same models trained ~16x longer (batch 64 x 6000 steps per expert: ~100M tokens each, ~8 epochs of
-    # the corpus for the dense model): for a GPU, where the small models reach the data-rich regime in which
-    # the paper compares (hundreds of tokens per parameter); ~20-40 min on one H100.
-    cfg = _cpu_small(num_experts)
-    cfg.update(name=f"cpu-long-e{num_experts}", expert_train={
-        "preset": "cpu-small", "batch_size": 64, "max_steps": 6000, "warmup_steps": 300, "eval_every": 500,
-        "eval_batches": 8, "checkpoint_every": 500})
-    cfg["routers"] = {"preset": "cpu", "iterations": 10, "steps_per_iteration": 200, "batch_size": 32}
-    return cfg
-
-
-def _cpu_medium(num_experts: int) -> dict:
-    # Experts of the dense `cpu-small` model (5.3M parameters; phrase-level fluent after 12M tokens) on the whole
-    # sample corpus (59.5M tokens, 8192-token vocabulary): 1,800 steps x 16 x 256 per expert, so the experts
-    # together and the dense model (same steps, E x the batch) each see ~29M tokens, half an epoch, nothing
-    # repeated. `cpu-router-s` routers on a 32-token prefix: +3% inference FLOPs at E = 4. About 4-5 hours on
-    # 2 CPU cores, resumable stage by stage (`python benchmarks/mixture_results.py --preset cpu-medium`).
-    return {"name": f"cpu-medium-e{num_experts}", "num_experts": num_experts, "prefix_len": 32, "valid_seqs": 2048,
-            "data": {"preset": "cpu"},
-            "routers": {"preset": "cpu", "router_preset": "cpu-router-s", "iterations": 6, "steps_per_iteration": 150,
-                        "batch_size": 32, "lr": 0.003, "warmup_steps": 30},
-            "expert_model": {"preset": "cpu-small"},
-            "expert_train": {"preset": "cpu-small", "max_steps": 1800, "batch_size": 16, "warmup_steps": 100,
-                             "eval_every": 200, "eval_batches": 8, "checkpoint_every": 100},
-            "eval": {"max_seqs": 4096, "prefix_lens": [8, 16], "top_k": 2}}
-
-
-def _paper_335m(num_experts: int) -> dict:
-    # Paper §3.1 / Tables 1-2: 335M experts, batch 128, 256k steps, 4.4M routers, M = 256.
-    return {"name": f"paper-335m-e{num_experts}", "num_experts": num_experts, "prefix_len": 256,
-            "data": {"preset": "paper"}, "routers": {"preset": "paper"}, "expert_model": {"preset": "expert-335m"},
-            "expert_train": {"preset": "paper-expert"}, "dense_grad_accum": 4,
-            "eval": {"max_seqs": 20000, "prefix_lens": [32, 64, 128], "top_k": 2, "batch_size": 8}}
-
-
-RUN_PRESETS: dict[str, Any] = {
-    "tiny": _tiny,
-    "cpu": lambda: _cpu(4),
-    "cpu-e2": lambda: _cpu(2),
-    "cpu-e4": lambda: _cpu(4),
-    "cpu-e8": lambda: _cpu(8),
-    "cpu-small": lambda: _cpu_small(4),
-    "cpu-medium": lambda: _cpu_medium(4),
-    "cpu-medium-e8": lambda: _cpu_medium(8),
-    "cpu-long": lambda: _cpu_long(4),
-    "cpu-long-e2": lambda: _cpu_long(2),
-    "cpu-long-e8": lambda: _cpu_long(8),
-    "paper-335m-e4": lambda: _paper_335m(4),
-    "paper-335m-e8": lambda: _paper_335m(8),
-}
+RUN_PRESETS: dict[str, Any] = {p.stem: (lambda p=p: _read_recipe(p))  # tiny first, then by name
+                               for p in sorted(RECIPES.glob("*.yaml"), key=lambda p: (p.stem != "tiny", p.stem))}
 
 
 def run_preset(preset: str, **overrides) -> RunConfig:

@@ -36,7 +36,7 @@ from ..io import atomic_open, atomic_write_json, read_json
 from ..data.splits import SplitData, load_split
 from ..routing.routers_dir import has_routers, read_routers_manifest
 from .config import RunConfig
-from .layout import RunLayout
+from .layout import RunLayout, read_run_config
 
 
 class SubsetDataset:
@@ -58,15 +58,6 @@ class SubsetDataset:
 
     def domains(self, indices=None) -> np.ndarray:
         return self.base.domains(self.indices if indices is None else self.indices[np.asarray(indices)])
-
-
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config a run directory was started with (``<run>/run_config.json``)."""
-    path = RunLayout(run_dir).config
-    if not path.is_file():
-        raise SmallTalkError(f"{path}: not found; {Path(run_dir)} is not a run directory (start one with "
-                             "`smalltalk run --config ... --out RUN_DIR --until shard`)")
-    return RunConfig.from_dict(read_json(path))
 
 
 def check_shards(layout: RunLayout, cfg: RunConfig) -> dict:

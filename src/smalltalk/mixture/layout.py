@@ -19,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import SmallTalkError
+from ..io import read_json
+from .config import RunConfig
 
 ANALYSIS_DIR = "analysis"
 
@@ -95,3 +98,12 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report.md"
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run directory was started with (``<run>/run_config.json``)."""
+    path = RunLayout(run_dir).config
+    if not path.is_file():
+        raise SmallTalkError(f"{path}: not found; {Path(run_dir)} is not a run directory (start one with "
+                             "`smalltalk run --config ... --out RUN_DIR --until shard`)")
+    return RunConfig.from_dict(read_json(path))

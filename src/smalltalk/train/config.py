@@ -126,7 +126,6 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # Paper: experts of the mixture (batch 128, 5e-4 with 3k warm-up, cosine).
     "paper-expert": TrainConfig(lr=5e-4, warmup_steps=3000, max_steps=256_000, batch_size=128, name="paper-expert"),
     # Paper: the 335M dense baseline (batch 512).
-    "paper-dense": TrainConfig(lr=5e-4, warmup_steps=3000, max_steps=256_000, batch_size=512, name="paper-dense"),
     # Paper: routers (4.4M, batch 32, constant 1e-4 after 1k warm-up, 128k steps, prefix 256).
     "paper-router": TrainConfig(lr=1e-4, warmup_steps=1000, schedule="constant", max_steps=128_000, batch_size=32,
                                 loss_prefix_len=256, name="paper-router"),

@@ -30,7 +30,6 @@ so the last good checkpoint stays the newest.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -47,7 +46,7 @@ from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json
 from ..model.config import ModelConfig
 from ..model.flops import training_flops_per_step
-from ..model.io import save_model_dir, sha256_file, weights_state_dict
+from ..model.io import save_model_dir, sha256_file
 from ..model.transformer import Transformer
 from . import checkpoint as ckpt_lib
 from .config import TrainConfig
@@ -195,23 +194,6 @@ class Trainer:
                 "torch_threads": torch.get_num_threads()}
 
     # ----------------------------------------------------------------------------- state
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: copies (not views of live tensors), plain Python otherwise."""
-        return {"step": self.step, "model": {k: v.clone() for k, v in weights_state_dict(self.model).items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "sampler": self.sampler.state_dict(),
-                "indices": self.sampler.indices.copy(), "rng": ckpt_lib.rng_state(),
-                "tokens": self.tokens, "flops": self.flops}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        own = self.model.state_dict()
-        with torch.no_grad():
-            for name, tensor in state["model"].items():
-                own[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"], state["indices"])
-        ckpt_lib.set_rng_state(state["rng"])
-        self.step, self.tokens, self.flops = int(state["step"]), int(state["tokens"]), int(state["flops"])
 
     def _resume(self) -> None:
         if self.dist.is_main:
