@@ -55,9 +55,7 @@ class EvalConfig:
         if self.max_seqs < 0 or self.batch_size < 1 or self.top_k < 0:
             raise SmallTalkError(f"eval config: max_seqs={self.max_seqs} must be >= 0, batch_size={self.batch_size} "
                                  f">= 1, top_k={self.top_k} >= 0")
-        self.prefix_lens = [int(m) for m in self.prefix_lens]
-        if any(m < 2 for m in self.prefix_lens):
-            raise SmallTalkError(f"eval config: prefix_lens={self.prefix_lens} must all be >= 2")
+        self.prefix_lens = [rule.check_prefix_len(m, where="eval config: prefix_lens entry") for m in self.prefix_lens]
 
 
 def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, domains: np.ndarray, *,

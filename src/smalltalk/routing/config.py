@@ -17,6 +17,7 @@ from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 from ..model.config import PRESETS
 from ..train.config import TrainConfig
+from . import rule
 
 SCORE_DTYPES = ("float32", "float16")
 
@@ -69,9 +70,7 @@ class RouterEMConfig(DictConfig):
         if self.num_experts < 2:
             raise SmallTalkError(f"router EM config: num_experts={self.num_experts}: a mixture needs at least 2 "
                                  "experts (routers); use --num-experts 2 or more")
-        if self.prefix_len < 2:
-            raise SmallTalkError(f"router EM config: prefix_len={self.prefix_len} must be >= 2 (one input token and "
-                                 "one target)")
+        rule.check_prefix_len(self.prefix_len, where="router EM config: prefix_len")
         for key in ("warmup_steps", "seed", "heldout_seqs"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
