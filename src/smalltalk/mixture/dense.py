@@ -17,8 +17,7 @@ from ..io import read_json
 from ..model.flops import training_flops
 from ..data.splits import load_split
 from .config import RunConfig
-from .layout import read_run_config
-from .layout import RunLayout
+from .layout import RunLayout, read_run_config
 
 
 def dense_done(layout: RunLayout) -> bool:
