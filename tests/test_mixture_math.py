@@ -156,3 +156,17 @@ def test_bad_run_configs_are_named(tmp_path, text, match):
 def test_unknown_config_spec():
     with pytest.raises(SmallTalkError, match="neither a run preset"):
         load_run_config("no-such-preset-or-file")
+
+
+def test_run_presets_are_yaml_recipes_a_user_can_copy(tmp_path, capsys):
+    from smalltalk.cli import main
+    from smalltalk.mixture.config import RECIPES
+
+    assert sorted(RUN_PRESETS) == sorted(p.stem for p in RECIPES.glob("*.yaml")) and "tiny" in RUN_PRESETS
+    assert main(["run", "--list-presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name}: " in out for name in RUN_PRESETS) and str(RECIPES) in out
+    # A copied recipe with one field changed is that preset with that override.
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((RECIPES / "cpu.yaml").read_text().replace("num_experts: 4", "num_experts: 8"))
+    assert load_run_config(mine).to_dict() == run_preset("cpu", num_experts=8).to_dict()

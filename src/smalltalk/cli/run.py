@@ -39,12 +39,13 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..mixture.config import RUN_PRESETS, load_run_config, run_preset
+    from ..mixture.config import RECIPES, RUN_PRESETS, load_run_config, run_preset
     from ..mixture.pipeline import run_pipeline
 
     if args.list_presets:
         for name in RUN_PRESETS:
             print(f"{name}: {run_preset(name).describe()}")
+        print(f"(one YAML file each in {RECIPES}: copy one, edit it, pass its path to --config)")
         return 0
     cfg = load_run_config(args.config, num_experts=args.num_experts, name=args.name, device=args.device)
     if args.print_config:
