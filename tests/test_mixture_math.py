@@ -170,3 +170,12 @@ def test_run_presets_are_yaml_recipes_a_user_can_copy(tmp_path, capsys):
     mine = tmp_path / "mine.yaml"
     mine.write_text((RECIPES / "cpu.yaml").read_text().replace("num_experts: 4", "num_experts: 8"))
     assert load_run_config(mine).to_dict() == run_preset("cpu", num_experts=8).to_dict()
+
+
+def test_a_preset_name_with_the_number_of_experts_points_at_the_base_preset(capsys):
+    from smalltalk.cli import main
+
+    assert main(["run", "--config", "cpu-e8", "--print-config"]) == 2
+    assert "use preset 'cpu' with num_experts: 8" in capsys.readouterr().err
+    with pytest.raises(SmallTalkError, match="use preset 'paper-335m' with num_experts: 4"):
+        RunConfig.from_dict({"preset": "paper-335m-e4"})

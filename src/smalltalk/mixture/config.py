@@ -173,7 +173,8 @@ class RunConfig:
         if base is None:
             return cls(**d)
         if base not in RUN_PRESETS:
-            raise SmallTalkError(f"run config: preset={base!r} is unknown; choose one of {', '.join(RUN_PRESETS)}")
+            raise SmallTalkError(f"run config: preset={base!r} is unknown; choose one of {', '.join(RUN_PRESETS)}"
+                                 + _e_variant_hint(base))
         merged = RUN_PRESETS[base]()
         for key, value in d.items():
             old = merged.get(key)
@@ -208,11 +209,21 @@ RUN_PRESETS: dict[str, Any] = {p.stem: (lambda p=p: _read_recipe(p))  # tiny fir
                                for p in sorted(RECIPES.glob("*.yaml"), key=lambda p: (p.stem != "tiny", p.stem))}
 
 
+def _e_variant_hint(name: str) -> str:
+    """Presets once had one name per number of experts (cpu-e8, paper-335m-e4): point at the base preset."""
+    import re
+
+    m = re.fullmatch(r"(.+)-e(\d+)", str(name))
+    if m and m.group(1) in RUN_PRESETS:
+        return f" (for {m.group(2)} experts use preset {m.group(1)!r} with num_experts: {m.group(2)} / --num-experts)"
+    return ""
+
+
 def run_preset(preset: str, **overrides) -> RunConfig:
     """The named run preset with top-level `overrides` (e.g. ``num_experts=2``, ``name=...``)."""
     if preset not in RUN_PRESETS:
-        raise SmallTalkError(f"unknown run preset {preset!r}; choose one of {', '.join(RUN_PRESETS)} or give a "
-                             "YAML file")
+        raise SmallTalkError(f"unknown run preset {preset!r}{_e_variant_hint(preset)}; choose one of "
+                             f"{', '.join(RUN_PRESETS)} or give a YAML file")
     return RunConfig.from_dict({"preset": preset, **{k: v for k, v in overrides.items() if v is not None}})
 
 
@@ -226,7 +237,8 @@ def load_run_config(spec: str | Path, **overrides) -> RunConfig:
     if str(spec) in RUN_PRESETS and not path.is_file():
         return run_preset(str(spec), **overrides)
     if not path.is_file():
-        raise SmallTalkError(f"--config {spec}: neither a run preset ({', '.join(RUN_PRESETS)}) nor a file")
+        raise SmallTalkError(f"--config {spec}: neither a run preset ({', '.join(RUN_PRESETS)}) nor a file"
+                             + _e_variant_hint(str(spec)))
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".json":
