@@ -135,3 +135,32 @@ def test_the_held_out_domain_experiment_runs_end_to_end_in_smoke_mode(tmp_path):
     assert 0 <= row["branched_lineage"]["branch_from"] < E
     md = (tmp_path / "grow_experiment_smoke.md").read_text()
     assert "| novels_de |" in md and "Calibration" in md
+
+
+def test_several_new_experts_split_the_new_data_by_em_among_new_routers_only(run_dir, new_text, tmp_path):
+    import numpy as np
+
+    from smalltalk.data.splits import load_split
+
+    bundle = run_dir / "bundle"
+    before = _hashes(bundle)
+    result = grow_bundle(bundle, [str(new_text)], tmp_path / "g2",
+                         FAST.replace(new_experts=2, router_steps=12, expert_steps=4, min_train_seqs=8))
+    assert _hashes(bundle) == before
+    new, old = read_bundle(tmp_path / "g2"), read_bundle(bundle)
+    assert new.num_experts == 6 and result["added_experts"] == [4, 5]
+    assert [x.weights_sha256 for x in new.routers[:4]] == [x.weights_sha256 for x in old.routers]
+    # The two new experts trained on disjoint shards that cover the new training data, balanced within it.
+    shards = [load_split(tmp_path / "g2.grow-work" / "shards" / f"expert_{k}", "train").dataset for k in range(2)]
+    sizes = [len(d) for d in shards]
+    assert sum(sizes) == result["new_train_seqs"] and abs(sizes[0] - sizes[1]) <= 2
+    assert [new.experts[k].train_seqs for k in (4, 5)] == sizes
+    rows = [{d.get(np.arange(len(d)))[i].tobytes() for i in range(len(d))} for d in shards]
+    assert not rows[0] & rows[1]
+    em = json.loads((tmp_path / "g2.grow-work" / "em" / "routers" / "manifest.json").read_text())
+    assert em["num_experts"] == 2 and em["prefix_len"] == old.prefix_len
+    routing = result["new_data_routing"]
+    assert routing["new_expert_share"] == sum(routing["per_expert"][4:]) / sum(routing["per_expert"])
+    with pytest.raises(SmallTalkError, match=r"fewer than the 1000 that 2 new experts need \(500 each\)"):
+        grow_bundle(bundle, [str(new_text)], tmp_path / "g3", FAST.replace(new_experts=2, min_train_seqs=500))
+    assert not (tmp_path / "g3").exists()

@@ -3,7 +3,8 @@
     smalltalk grow runs/x --data my_new_domain/ --out runs/x/bundle-grown
     smalltalk grow runs/x/bundle --data new/ --out grown --branch-from 2 --expert-steps 300
 
-Trains one new router (on the new data's prefixes) and one new expert (from scratch, or branched from an
+Trains one new router (on the new data's prefixes; with --new-experts K, K routers by EM among themselves)
+and one new expert each (from scratch, or branched from an
 existing expert), then writes a bundle of E + 1 experts; the original bundle and its models are not
 modified. See `smalltalk.mixture.grow` for what the new data must look like and how routing treats it.
 """
@@ -24,6 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--branch-from", type=_expert_or_nearest, metavar="K|nearest",
                    help="start the new expert from expert K, or from the one whose router claims most of the new "
                         "data (default: from scratch)")
+    p.add_argument("--new-experts", type=int, default=1, metavar="K",
+                   help="add K experts: K new routers trained by EM among themselves on the new data (default 1)")
     p.add_argument("--router-steps", type=int, default=0, help="new router's steps (default: as the old routers)")
     p.add_argument("--expert-steps", type=int, default=0, help="new expert's steps (default: as the old experts)")
     p.add_argument("--expert-batch-size", type=int, default=0, help="new expert's batch (default: as the old ones)")
@@ -48,14 +51,17 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = args.bundle if is_bundle(args.bundle) else args.bundle / "bundle"
     cfg = GrowConfig(router_steps=args.router_steps, expert_steps=args.expert_steps,
-                     expert_batch_size=args.expert_batch_size, branch_from=args.branch_from, seed=args.seed,
+                     expert_batch_size=args.expert_batch_size, branch_from=args.branch_from,
+                     new_experts=args.new_experts, seed=args.seed,
                      max_bytes_per_file=args.max_bytes_per_file, device=args.device)
     result = grow_bundle(bundle, args.data, args.out, cfg)
     flops = result["training_flops"]
     routing = result["new_data_routing"]
-    parent = "" if result["branch_from"] is None else f", branched from expert {result['branch_from']}"
-    print(f"wrote {result['bundle']}: {result['num_experts']} experts (expert {result['added_expert']} is new{parent}, "
-          f"{result['new_train_seqs']} training sequences; it gets {100 * routing['new_expert_share']:.1f}% of the new "
-          f"data's {routing['split']} split); growing cost {flops['grow']:.3e} training FLOPs, "
+    parent = "" if result["branch_from"] in (None, []) else f", branched from expert {result['branch_from']}"
+    added = result["added_experts"]
+    which = f"expert {added[0]} is new" if len(added) == 1 else f"experts {added[0]}-{added[-1]} are new"
+    print(f"wrote {result['bundle']}: {result['num_experts']} experts ({which}{parent}, "
+          f"{result['new_train_seqs']} training sequences; {100 * routing['new_expert_share']:.1f}% of the new "
+          f"data's {routing['split']} split goes to the new expert{'s' if len(added) > 1 else ''}); growing cost {flops['grow']:.3e} training FLOPs, "
           f"{100 * flops['grow_over_retrain']:.1f}% of retraining {result['num_experts']} experts from scratch")
     return 0

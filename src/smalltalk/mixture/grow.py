@@ -12,7 +12,9 @@
 3. One new expert is trained on the new data: from scratch (the default) or branched from an existing
    expert (`branch_from`, BTM-style: an index, or "nearest" for the expert whose router claims most of the
    new training data), with the bundle's expert settings unless overridden.
-4. A bundle of E + 1 experts is written to a new directory; the E old routers and experts are linked or
+   With `new_experts` K > 1 the K new routers are trained by EM among themselves on the new data (balanced within
+   it: Algorithm 1 on the new data alone), shard it, and one expert trains on each shard.
+4. A bundle of E + K experts is written to a new directory; the E old routers and experts are linked or
    copied byte for byte, so their files keep their hashes, and the original bundle is never modified.
 
 Routing stays an argmax over independent routers (Eq. 7): a new-data sequence that an old router explains
@@ -60,6 +62,9 @@ class GrowConfig(DictConfig):
     branch_from: int | str | None = None
     """Start the new expert from this expert's weights instead of a fresh initialisation; "nearest": the
     expert whose router claims most of the new training data."""
+    new_experts: int = 1
+    """K: new experts (and routers) to add; with K > 1 the new routers are trained by EM among themselves on the
+    new data and shard it (balanced within it), the old routers untouched."""
     seed: int = 0
     min_train_seqs: int = 64
     """Refuse new data with fewer training sequences than this."""
@@ -69,6 +74,8 @@ class GrowConfig(DictConfig):
 
     def __post_init__(self) -> None:
         check_field_types(self, self.config_kind)
+        if self.new_experts < 1:
+            raise SmallTalkError(f"grow config: new_experts={self.new_experts} must be >= 1")
         for key in ("router_steps", "expert_steps", "expert_batch_size", "seed"):
             if getattr(self, key) < 0:
                 raise SmallTalkError(f"grow config: {key}={getattr(self, key)} must be >= 0")
@@ -97,7 +104,8 @@ def _new_data(info, sources: Sequence[str], work: Path, cfg: GrowConfig):
         except SmallTalkError as e:
             if "fewer than one sequence" not in str(e):
                 raise
-            raise SmallTalkError(_too_little(sources, 0, info.seq_len, cfg.min_train_seqs)) from None
+            raise SmallTalkError(_too_little(sources, 0, info.seq_len, cfg.min_train_seqs * cfg.new_experts,
+                                             cfg.new_experts)) from None
     train = load_split(data_dir, "train")
     if train.tokenizer_sha256 and info.tokenizer_sha256 and train.tokenizer_sha256 != info.tokenizer_sha256:
         raise SmallTalkError(f"{data_dir}: prepared with tokenizer {train.tokenizer_sha256[:12]}, the bundle uses "
@@ -106,8 +114,9 @@ def _new_data(info, sources: Sequence[str], work: Path, cfg: GrowConfig):
     if train.dataset.seq_len != info.seq_len:
         raise SmallTalkError(f"{data_dir}: sequences of {train.dataset.seq_len} tokens, the bundle's models use "
                              f"{info.seq_len}; prepare it with --seq-len {info.seq_len}")
-    if len(train.dataset) < cfg.min_train_seqs:
-        raise SmallTalkError(_too_little(sources, len(train.dataset), info.seq_len, cfg.min_train_seqs))
+    need = cfg.min_train_seqs * cfg.new_experts
+    if len(train.dataset) < need:
+        raise SmallTalkError(_too_little(sources, len(train.dataset), info.seq_len, need, cfg.new_experts))
     return data_dir, train
 
 
@@ -129,7 +138,7 @@ def _nearest_expert(bundle: Path, train, device: str) -> int:
     return int(_routed(bundle, train, device).argmax())
 
 
-def _routing_counts(bundle: Path, data_dir: Path, device: str) -> dict:
+def _routing_counts(bundle: Path, data_dir: Path, device: str, new_experts: int = 1) -> dict:
     """How the grown bundle routes the new data's held-out split (valid, else test; train when the new
     data was too small to hold any out)."""
     from ..data.splits import load_split, split_sizes
@@ -137,19 +146,21 @@ def _routing_counts(bundle: Path, data_dir: Path, device: str) -> dict:
     have = split_sizes(data_dir)
     split = next(s for s in ("valid", "test", "train") if have.get(s, 0) > 0)
     counts = _routed(bundle, load_split(data_dir, split), device)
-    return {"split": split, "per_expert": counts.tolist(), "new_expert_share": float(counts[-1] / counts.sum())}
+    return {"split": split, "per_expert": counts.tolist(),
+            "new_expert_share": float(counts[-new_experts:].sum() / counts.sum())}
 
 
-def _too_little(sources: Sequence[str], have: int, seq_len: int, need: int) -> str:
-    return (f"{', '.join(map(str, sources))}: {have} training sequences of {seq_len} tokens, fewer than the {need} a "
-            f"new expert needs; give more text (at least ~{need * seq_len:,} tokens in the train split)")
+def _too_little(sources: Sequence[str], have: int, seq_len: int, need: int, new_experts: int = 1) -> str:
+    who = "a new expert needs" if new_experts == 1 else \
+        f"that {new_experts} new experts need ({need // new_experts} each)"
+    return (f"{', '.join(map(str, sources))}: {have} training sequences of {seq_len} tokens, fewer than the {need} "
+            f"{who}; give more text (at least ~{need * seq_len:,} tokens in the train split)")
 
 
 def grow_bundle(bundle: str | Path, sources: Sequence[str], out: str | Path, cfg: GrowConfig | None = None) -> dict:
-    """A bundle of E + 1 experts at `out`: the old ones untouched plus one router and expert for `sources`."""
+    """A bundle of E + K experts at `out`: the old ones untouched plus K new routers and experts for `sources`."""
     from ..routing.config import RouterEMConfig
     from ..train.config import TrainConfig
-    from ..train.trainer import Trainer
 
     cfg = cfg or GrowConfig()
     info = read_bundle(bundle)
@@ -165,57 +176,112 @@ def grow_bundle(bundle: str | Path, sources: Sequence[str], out: str | Path, cfg
     if run_cfg is None and not (cfg.router_steps and cfg.expert_steps and cfg.expert_batch_size):
         raise SmallTalkError(f"{info.root}: no run_config.json to take the training settings from; give "
                              "--router-steps, --expert-steps and --expert-batch-size")
-    E = info.num_experts
+    E, K = info.num_experts, cfg.new_experts
     work = out.parent / f"{out.name}.grow-work"
     data_dir, train = _new_data(info, sources, work, cfg)
 
-    # The new router: the old routers' architecture and EM settings, trained on the new data's prefixes.
+    # The new routers: the old routers' architecture and EM settings, trained on the new data's prefixes.
     router_cfg, _ = read_model_config(info.routers[0].dir)
     em = RouterEMConfig.from_dict({k: v for k, v in run_cfg["routers"].items() if k != "num_seqs_resolved"}) \
         if run_cfg else RouterEMConfig(prefix_len=info.prefix_len, router_preset="tiny")
-    router_train = em.train_config(E).replace(max_steps=cfg.router_steps or em.total_steps, seed=cfg.seed * 1000 + E,
-                                              device=cfg.device, loss_prefix_len=info.prefix_len, keep_last_k=1)
-    router = Trainer(router_cfg, router_train, train, work / "router", progress=False,
-                     tokenizer_file=info.tokenizer_file)
-    router.train()
+    if K == 1:
+        router_dirs, shards, router_flops = _one_router(info, em, router_cfg, train, work, cfg)
+    else:
+        router_dirs, shards, router_flops = _routers_by_em(info, em, router_cfg, data_dir, train, work, cfg)
 
-    # The new expert: the old experts' architecture, from scratch or branched from one of them.
+    # The new experts: the old experts' architecture, from scratch or branched from one of them.
     expert_cfg, _ = read_model_config(info.experts[0].dir)
     base = TrainConfig.from_dict(run_cfg["expert_train"]) if run_cfg else TrainConfig()
     expert_train = base.replace(max_steps=cfg.expert_steps or base.max_steps,
-                                batch_size=cfg.expert_batch_size or base.batch_size, seed=cfg.seed + 1 + E,
-                                device=cfg.device, eval_every=0, eval_batches=0, name=f"grown-expert-{E}")
-    expert = Trainer(expert_cfg, expert_train, train, work / "expert", progress=None,
-                     tokenizer_file=info.tokenizer_file)
-    parent = _nearest_expert(info.root, train, cfg.device) if cfg.branch_from == NEAREST else cfg.branch_from
+                                batch_size=cfg.expert_batch_size or base.batch_size, device=cfg.device, eval_every=0,
+                                eval_batches=0)
+    S = info.seq_len - 1  # positions a training step runs on
+    expert_dirs, parents, scoring_flops = [], [], 0
+    for k, shard in enumerate(shards):
+        parent = _nearest_expert(info.root, shard, cfg.device) if cfg.branch_from == NEAREST else cfg.branch_from
+        if cfg.branch_from == NEAREST:  # picking the parent ran the E old routers over the new prefixes
+            scoring_flops += E * forward_flops(router_cfg, min(ROUTING_SAMPLE, len(shard.dataset)), info.prefix_len)
+        expert_dirs.append(_train_expert(info, expert_cfg, expert_train.replace(
+            seed=cfg.seed + 1 + E + k, name=f"grown-expert-{E + k}"), shard, parent, work / _expert_work(K, k)))
+        parents.append(parent)
+    expert_flops = K * expert_train.max_steps * training_flops_per_step(expert_cfg, expert_train.batch_size, S)
+
+    old_seqs = [int(x.train_seqs or 1) for x in info.experts]
+    new = build_bundle(out, router_dirs=[r.dir for r in info.routers] + router_dirs,
+                       expert_dirs=[x.dir for x in info.experts] + expert_dirs,
+                       tokenizer_file=info.tokenizer_file, prefix_len=info.prefix_len,
+                       train_seqs=old_seqs + [len(sh.dataset) for sh in shards], run_config=run_cfg)
+    grow_flops = router_flops + expert_flops + scoring_flops
+    old_router_flops = em.total_steps * training_flops_per_step(router_cfg, em.batch_size, info.prefix_len - 1)
+    old_expert_flops = base.max_steps * training_flops_per_step(expert_cfg, base.batch_size, S)
+    retrain = (E + K) * (old_router_flops + old_expert_flops)
+    lineage = {"from": str(info.root.resolve()), "added_expert": E, "added_experts": list(range(E, E + K)),
+               "data": [str(s) for s in sources], "data_dir": str(data_dir), "new_train_seqs": len(train.dataset),
+               "new_expert_train_seqs": [len(sh.dataset) for sh in shards],
+               "branch_from": parents[0] if K == 1 else parents,
+               "config": dataclasses.asdict(cfg), "new_data_routing": _routing_counts(out, data_dir, cfg.device, K),
+               "training_flops": {"grow": grow_flops, "retrain_e_plus_k_from_scratch": retrain,
+                                  "retrain_e_plus_1_from_scratch": retrain if K == 1 else None,
+                                  "grow_over_retrain": grow_flops / retrain if retrain else None,
+                                  "note": "growing counts the new routers' and experts' steps, and the routers' "
+                                          "scoring of new prefixes (EM and sharding among the new routers, "
+                                          "--branch-from nearest); retraining counts the router M-steps and expert "
+                                          "steps of E + K models without EM's and sharding's scoring, so it is a "
+                                          "lower bound"}}
+    atomic_write_json(out / "lineage.json", lineage)
+    return {"bundle": str(new.root), "num_experts": new.num_experts, **lineage}
+
+
+def _expert_work(K: int, k: int) -> str:
+    return "expert" if K == 1 else f"expert_{k}"
+
+
+def _one_router(info, em, router_cfg, train, work: Path, cfg: GrowConfig):
+    """One new router trained on all the new data's prefixes (the M-step of EM; there is nothing to re-assign)."""
+    from ..train.trainer import Trainer
+
+    router_train = em.train_config(info.num_experts).replace(
+        max_steps=cfg.router_steps or em.total_steps, seed=cfg.seed * 1000 + info.num_experts, device=cfg.device,
+        loss_prefix_len=info.prefix_len, keep_last_k=1)
+    Trainer(router_cfg, router_train, train, work / "router", progress=False,
+            tokenizer_file=info.tokenizer_file).train()
+    flops = router_train.max_steps * training_flops_per_step(router_cfg, router_train.batch_size, info.prefix_len - 1)
+    return [work / "router" / "model"], [train], flops
+
+
+def _routers_by_em(info, em, router_cfg, data_dir: Path, train, work: Path, cfg: GrowConfig):
+    """K new routers trained by EM among themselves on the new data (balanced within it), then the new data
+    sharded by them: Algorithm 1 on the new data alone, the old routers untouched."""
+    from ..data.manifest import read_data_manifest
+    from ..data.splits import load_split
+    from ..routing.em import train_routers
+    from ..routing.sharding import shard_dataset
+
+    K, M = cfg.new_experts, info.prefix_len
+    steps = cfg.router_steps // em.iterations if cfg.router_steps else em.steps_per_iteration
+    valid = read_data_manifest(data_dir).num_seqs("valid")
+    new_em = em.replace(num_experts=K, seed=cfg.seed, device=cfg.device, steps_per_iteration=max(1, steps),
+                        seqs_per_iteration=min(max(1, steps) * em.batch_size * K, len(train.dataset)),
+                        heldout_seqs=min(em.heldout_seqs, valid), name="grown")
+    manifest = train_routers(data_dir, work / "em", new_em, log=lambda m: None)
+    shards = shard_dataset(data_dir, work / "em" / "routers", work / "shards", device=cfg.device, log=lambda m: None)
+    counts = [int(x["train"]) for x in shards["experts"]]
+    if min(counts) < cfg.min_train_seqs:
+        raise SmallTalkError(f"{data_dir}: EM among {K} new routers gave shards of {counts} training sequences; each "
+                             f"new expert needs at least {cfg.min_train_seqs}: give more text or fewer new experts")
+    iterations = int(manifest["iterations_completed"])
+    flops = (K * new_em.steps_per_iteration * iterations
+             * training_flops_per_step(router_cfg, new_em.batch_size, M - 1)
+             + K * forward_flops(router_cfg, new_em.num_seqs * iterations + len(train.dataset), M))
+    router_dirs = [work / "em" / "routers" / f"router_{k}" for k in range(K)]
+    return router_dirs, [load_split(work / "shards" / f"expert_{k}", "train") for k in range(K)], flops
+
+
+def _train_expert(info, expert_cfg, expert_train, data, parent: int | None, run: Path) -> Path:
+    from ..train.trainer import Trainer
+
+    expert = Trainer(expert_cfg, expert_train, data, run, progress=None, tokenizer_file=info.tokenizer_file)
     if parent is not None and expert.step == 0:
         load_weights(info.experts[parent].dir / WEIGHTS_FILE, expert.model)
     expert.train()
-
-    old_seqs = [int(x.train_seqs or 1) for x in info.experts]
-    new = build_bundle(out, router_dirs=[r.dir for r in info.routers] + [work / "router" / "model"],
-                       expert_dirs=[x.dir for x in info.experts] + [work / "expert" / "model"],
-                       tokenizer_file=info.tokenizer_file, prefix_len=info.prefix_len,
-                       train_seqs=old_seqs + [len(train.dataset)], run_config=run_cfg)
-    S = info.seq_len - 1  # positions a training step runs on
-    # Scoring: picking the nearest parent runs the E old routers over ROUTING_SAMPLE new prefixes.
-    scored = min(ROUTING_SAMPLE, len(train.dataset)) if parent is not None and cfg.branch_from == NEAREST else 0
-    grow_flops = (router_train.max_steps * training_flops_per_step(router_cfg, router_train.batch_size,
-                                                                   info.prefix_len - 1)
-                  + expert_train.max_steps * training_flops_per_step(expert_cfg, expert_train.batch_size, S)
-                  + (E * forward_flops(router_cfg, scored, info.prefix_len) if scored else 0))
-    old_router_flops = em.total_steps * training_flops_per_step(router_cfg, em.batch_size, info.prefix_len - 1)
-    old_expert_flops = base.max_steps * training_flops_per_step(expert_cfg, base.batch_size, S)
-    retrain = (E + 1) * (old_router_flops + old_expert_flops)
-    lineage = {"from": str(info.root.resolve()), "added_expert": E, "data": [str(s) for s in sources],
-               "data_dir": str(data_dir), "new_train_seqs": len(train.dataset), "branch_from": parent,
-               "config": dataclasses.asdict(cfg), "new_data_routing": _routing_counts(out, data_dir, cfg.device),
-               "training_flops": {"grow": grow_flops, "retrain_e_plus_1_from_scratch": retrain,
-                                  "grow_over_retrain": grow_flops / retrain if retrain else None,
-                                  "note": "growing counts the new router and expert steps and the routers' "
-                                          "scoring of new prefixes for --branch-from nearest; retraining counts "
-                                          "the router M-steps and "
-                                          "expert steps of E + 1 models without EM's and sharding's scoring, so "
-                                          "it is a lower bound"}}
-    atomic_write_json(out / "lineage.json", lineage)
-    return {"bundle": str(new.root), "num_experts": new.num_experts, **lineage}
+    return run / "model"

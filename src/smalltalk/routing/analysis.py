@@ -100,7 +100,7 @@ def plot_em(records: Sequence[dict], path: str | Path) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax2.legend(fontsize=7, ncol=2)
+    (ax2 if records[0].get("heldout_nll") is not None else ax1).legend(fontsize=7, ncol=2)  # no probe: no NLL
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
