@@ -1,19 +1,19 @@
-"""Add an expert for new data to a trained mixture without retraining the others: `smalltalk grow`.
+"""Add experts for new data to a trained mixture without retraining the others: `smalltalk grow`.
 
     grow_bundle("runs/x/bundle", ["new_domain/"], "runs/x/bundle-grown")
 
 1. The new data is tokenized with the bundle's own tokenizer and context (`prepare`): files or folders as
    `prepare` reads them (a folder with train/ and valid/ or test/ keeps its splits, anything else is split
    by document hash), or a directory already prepared with the bundle's tokenizer. At least
-   `GrowConfig.min_train_seqs` training sequences are needed (one batch of each trainer, and enough for a
-   router to learn what the new text looks like).
+   `GrowConfig.min_train_seqs` training sequences per new expert are needed (one batch of each trainer, and
+   enough for a router to learn what the new text looks like).
 2. One new router, of the same architecture as the others, is trained on the new data's prefixes with the
-   Eq. 9 loss (the M-step of EM, on the new data only: there is nothing to re-assign).
-3. One new expert is trained on the new data: from scratch (the default) or branched from an existing
-   expert (`branch_from`, BTM-style: an index, or "nearest" for the expert whose router claims most of the
-   new training data), with the bundle's expert settings unless overridden.
-   With `new_experts` K > 1 the K new routers are trained by EM among themselves on the new data (balanced within
-   it: Algorithm 1 on the new data alone), shard it, and one expert trains on each shard.
+   Eq. 9 loss (the M-step of EM, on the new data only: there is nothing to re-assign). With `new_experts`
+   K > 1, K new routers are trained by EM among themselves on the new data (balanced within it: Algorithm 1
+   on the new data alone) and shard it.
+3. One new expert is trained on the new data (on each shard): from scratch (the default) or branched from an
+   existing expert (`branch_from`, BTM-style: an index, or "nearest" for the expert whose router claims most
+   of its training data), with the bundle's expert settings unless overridden.
 4. A bundle of E + K experts is written to a new directory; the E old routers and experts are linked or
    copied byte for byte, so their files keep their hashes, and the original bundle is never modified.
 
@@ -22,7 +22,7 @@ better than the new one still goes to that old expert, and old traffic moves onl
 explains it better than its old router does. `lineage.json` records the source bundle, the data, how the
 grown mixture routes the new data's held-out split (the share an old router keeps is the measure of how
 well the independently trained routers' scores compare) and the training FLOPs of growing next to those of
-retraining a mixture of E + 1 from scratch.
+retraining a mixture of E + K from scratch.
 
 Work (prepared data, checkpoints) goes to ``<out>.grow-work`` beside `out` and resumes after an interruption.
 """
