@@ -2,7 +2,7 @@
 
 For E = 4, 8, 16 routers of a preset, scores N sequences on their first M tokens three ways, in the
 same process:
-  * batched    `StackedRouters`: one forward of all E routers (stacked weights, bmm per layer,
+  * batched    `StackedRouters`: one forward of all E routers (stacked parameters, the model's forward vmapped,
                chunked output head);
   * loop       a Python loop over routers, each a plain `Transformer.forward` (full logits) +
                cross-entropy: what one writes without batching;

@@ -71,8 +71,8 @@ class StackedRouters:
             return functional_call(self._base, (params, buffers), (idx,), {"return_hidden": True})
 
         with warnings.catch_warnings():
-            # CPU SDPA has no vmap batching rule yet; torch's fallback loops over E (measured: no slower
-            # than the hand-batched attention it replaces), and its one-time warning says nothing users can act on.
+            # CPU SDPA has no vmap batching rule yet: torch loops over E inside attention (measured 0.91-1.01x the
+            # speed of attention batched by hand), and its one-time warning says nothing users can act on.
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             return vmap(one_router, in_dims=(0, None))(self.params, self.buffers)
 
