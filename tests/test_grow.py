@@ -164,3 +164,17 @@ def test_several_new_experts_split_the_new_data_by_em_among_new_routers_only(run
     with pytest.raises(SmallTalkError, match=r"fewer than the 1000 that 2 new experts need \(500 each\)"):
         grow_bundle(bundle, [str(new_text)], tmp_path / "g3", FAST.replace(new_experts=2, min_train_seqs=500))
     assert not (tmp_path / "g3").exists()
+
+
+def test_new_data_prepared_with_another_tokenizer_is_refused(run_dir, new_text, tmp_path):
+    from smalltalk.data.prepare import prepare
+    from smalltalk.data.prepare_config import PrepareConfig
+
+    bundle = run_dir / "bundle"
+    before = _hashes(bundle)
+    other = tmp_path / "other"
+    prepare(PrepareConfig(corpus=(str(new_text),), out_dir=str(other), vocab_size=300, seq_len=128, progress=False,
+                          num_workers=1), log=lambda m: None)
+    with pytest.raises(SmallTalkError, match=r"prepared with tokenizer [0-9a-f]{12}, the bundle uses [0-9a-f]{12}"):
+        grow_bundle(bundle, [str(other)], tmp_path / "g", FAST)
+    assert not (tmp_path / "g").exists() and _hashes(bundle) == before
