@@ -96,7 +96,7 @@ def one_domain(args, held: str, corpus: Path) -> dict:
     new = {"original": score(run / "bundle", new_test, run / "dense" / "model"), "grown": score(grown, new_test),
            "branched": score(branched, new_test), "dense_plus": score(dense_plus, new_test)}
     old = {"original": score(run / "bundle", old_test, run / "dense" / "model"), "grown": score(grown, old_test),
-           "branched": score(branched, old_test)}
+           "branched": score(branched, old_test), "dense_plus": score(dense_plus, old_test)}
     E = lineage["added_expert"]
 
     def new_share(result):  # fraction of the scored sequences that the added expert gets
@@ -122,6 +122,7 @@ def one_domain(args, held: str, corpus: Path) -> dict:
                             "dense": old["original"]["total"]["dense_ppl"],
                             "grown_mixture": old["grown"]["total"]["ppl"],
                             "grown_branched": old["branched"]["total"]["ppl"],
+                            "dense_plus_same_extra_flops": old["dense_plus"]["total"]["ppl"],
                             "change_pct": change("grown"), "change_pct_branched": change("branched"),
                             "grown_routing": old["grown"]["total"].get("experts"),
                             "new_expert_share": new_share(old["grown"]),
@@ -134,13 +135,15 @@ def to_markdown(report: dict) -> str:
           "Test perplexity on the held-out domain (new) and on the other domains (old); the grown mixtures' new "
           "expert is trained from scratch or branched from the nearest old expert with the same steps (same FLOPs).",
           "", "| held out | new: original mixture | dense | dense + same extra FLOPs | grown (scratch) | "
-          "grown (branched from) | old: original | grown (scratch) | grown (branched) | grow FLOPs / retrain E+1 |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "grown (branched from) | old: original | dense | dense + same extra FLOPs | grown (scratch) | "
+          "grown (branched) | grow FLOPs / retrain E+1 |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         n, o = r["new_domain"], r["old_domains"]
         md.append(f"| {r['held_out']} | {n['original_mixture']:.2f} | {n['dense']:.2f} | "
-                  f"{n['dense_plus_same_extra_flops']:.2f} | **{n['grown_mixture']:.2f}** | {n['grown_branched']:.2f} "
-                  f"(expert {r['branched_lineage']['branch_from']}) | {o['original_mixture']:.2f} | "
+                  f"{n['dense_plus_same_extra_flops']:.2f} | {n['grown_mixture']:.2f} | {n['grown_branched']:.2f} "
+                  f"(expert {r['branched_lineage']['branch_from']}) | {o['original_mixture']:.2f} | {o['dense']:.2f} | "
+                  f"{o['dense_plus_same_extra_flops']:.2f} | "
                   f"{o['grown_mixture']:.2f} ({o['change_pct']:+.2f}%) | {o['grown_branched']:.2f} "
                   f"({o['change_pct_branched']:+.2f}%) | {100 * r['lineage']['training_flops']['grow_over_retrain']:.1f}% |")
     md += ["", "Calibration: the share of each side's test sequences that the new router claims (the new domain "
