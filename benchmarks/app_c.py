@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from smalltalk.io import atomic_write_json, atomic_write_text
+from _results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "app_c", "base": str(args.base), "variant": str(out), "short_m": base_cfg.prefix_len,
               "long_m": args.long_m, "num_seqs": long_c.get("num_seqs", args.max_seqs), "curves": result["curves"],
               "at_short_m": {"long": at(long_c), "short": at(short_c)}}
-    stem = f"app_c_{base_cfg.name}"
-    atomic_write_json(args.results / f"{stem}.json", report)
-    md = to_markdown(report)
-    atomic_write_text(args.results / f"{stem}.md", md)
-    print(md)
+    write_results(args.results, f"app_c_{base_cfg.name}", report, to_markdown(report))
     return 0
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from smalltalk.io import atomic_write_json, atomic_write_text, read_json
+from _results import write_results
+from smalltalk.io import read_json
 from smalltalk.mixture.config import RunConfig, run_preset
 from smalltalk.mixture.grow import GrowConfig, grow_bundle
 from smalltalk.mixture.pipeline import run_pipeline
@@ -186,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "grow_experiment", "preset": preset, "rows": list(rows.values()),
               "max_seqs": SMOKE_SEQS if args.smoke else args.max_seqs,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"}
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, report)
-    md = to_markdown(report)
-    atomic_write_text(args.results / f"{stem}.md", md)
-    print(md)
+    write_results(args.results, stem, report, to_markdown(report))
     return 0
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from smalltalk.io import atomic_write_json, atomic_write_text, read_json
+from _results import write_results
+from smalltalk.io import read_json
 from smalltalk.model.flops import inference_flops, training_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -164,11 +165,8 @@ def main(argv: list[str] | None = None) -> int:
               "matches": matches(points), "mixture_sources": [str(args.mixture_results), str(args.seeds)],
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"torch {torch.__version__}, {args.threads} threads"}
-    atomic_write_json(args.results / "tradeoff.json", report)
     plot(points, args.results / "tradeoff.png")
-    md = to_markdown(report)
-    atomic_write_text(args.results / "tradeoff.md", md)
-    print(md)
+    write_results(args.results, "tradeoff", report, to_markdown(report))
     return 0
 
 

@@ -1,0 +1,15 @@
+"""Where a benchmark's numbers go: ``<stem>.json`` (everything) and ``<stem>.md`` (the table a reader sees), both
+written atomically into the results directory, and the table printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from smalltalk.io import atomic_write_json, atomic_write_text
+
+
+def write_results(results: Path, stem: str, report: dict, markdown: str) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(results / f"{stem}.json", report)
+    atomic_write_text(results / f"{stem}.md", markdown)
+    print(markdown)
