@@ -109,7 +109,7 @@ class RouterEMConfig(DictConfig):
     def train_config(self, e: int) -> TrainConfig:
         """Router e's trainer settings: Eq. 9 loss on the prefix, constant lr after warm-up, no periodic eval
         (EM logs held-out NLL itself), a checkpoint at the end of every iteration; two are kept because a worker
-        may be one iteration ahead of the saved EM state when another one dies (see em.py)."""
+        may be one iteration ahead of the saved EM state when another one dies (see em_state.py)."""
         return TrainConfig(lr=self.lr, warmup_steps=self.warmup_steps, schedule="constant", max_steps=self.total_steps,
                            batch_size=self.batch_size, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                            eval_every=0, checkpoint_every=0, keep_last_k=2, log_every=max(1, self.steps_per_iteration),
