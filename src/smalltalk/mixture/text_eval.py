@@ -31,6 +31,7 @@ from ..routing import rule
 from .bundle import is_bundle
 from ..train.evaluate import perplexity
 from .inference import Mixture, resolve_device, router_scores, token_logprobs
+from .scores import improvement_pct
 
 
 @dataclass
@@ -54,7 +55,7 @@ class _Tally:
         out = {"num_seqs": self.seqs, "num_tokens": self.tokens, "ppl": ppl}
         if with_dense:
             dense = perplexity(self.dense_nll, self.tokens)
-            out.update(dense_ppl=dense, improvement_pct=100.0 * (dense - ppl) / dense)
+            out.update(dense_ppl=dense, improvement_pct=improvement_pct(dense, ppl))
         if self.experts:
             out["experts"] = {int(e): n for e, n in sorted(self.experts.items())}
         return out
