@@ -33,12 +33,6 @@ class SplitData:
         return self.num_bytes / self.dataset.num_tokens
 
 
-def split_sizes(data_dir: str | Path) -> dict[str, int]:
-    """{split: sequences} as ``<data_dir>/manifest.json`` lists them (train, valid, test, ... as prepared)."""
-    data = read_data_manifest(data_dir)
-    return {name: data.num_seqs(name) for name in data.splits}
-
-
 def load_split(data_dir: str | Path, split: str) -> SplitData:
     """Open ``<data_dir>/<split>`` with the facts of ``<data_dir>/manifest.json`` (written by `smalltalk prepare`)."""
     data_dir = Path(data_dir)

@@ -141,10 +141,11 @@ def _nearest_expert(bundle: Path, train, device: str) -> int:
 def _routing_counts(bundle: Path, data_dir: Path, device: str, new_experts: int = 1) -> dict:
     """How the grown bundle routes the new data's held-out split (valid, else test; train when the new
     data was too small to hold any out)."""
-    from ..data.splits import load_split, split_sizes
+    from ..data.manifest import read_data_manifest
+    from ..data.splits import load_split
 
-    have = split_sizes(data_dir)
-    split = next(s for s in ("valid", "test", "train") if have.get(s, 0) > 0)
+    data = read_data_manifest(data_dir)
+    split = next(s for s in ("valid", "test", "train") if data.num_seqs(s) > 0)
     counts = _routed(bundle, load_split(data_dir, split), device)
     return {"split": split, "per_expert": counts.tolist(),
             "new_expert_share": float(counts[-new_experts:].sum() / counts.sum())}
