@@ -9,7 +9,8 @@ Tiny CPU models are near chance on HellaSwag (25%) and GSM8K (0%); what is measu
     python benchmarks/downstream.py --run-dir runs/cpu                       # full: 67k BLiMP pairs, 10k HellaSwag
     python benchmarks/downstream.py --run-dir runs/cpu --limit 100 --out /tmp/ds   # quick look, run dir untouched
 
-Writes benchmarks/results/downstream.{json,md}; without --out also RUN/eval/downstream.{json,md} and a
+Writes benchmarks/results/<name>.{json,md} (``--name``, default ``downstream``: the `cpu` run's; e.g.
+``--name downstream_cpu-medium`` for another preset); without --out also RUN/eval/downstream.{json,md} and a
 section of RUN/report.md.
 """
 
@@ -29,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from smalltalk.errors import SmallTalkError  # noqa: E402
 from smalltalk.evaluation.downstream import DownstreamConfig, run_downstream, to_markdown  # noqa: E402
-from smalltalk.io import atomic_write_json, atomic_write_text  # noqa: E402
+from _results import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-gen-toks", type=int, default=256)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (<= 2 on the shared machine)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="directory of the JSON + Markdown")
+    ap.add_argument("--name", default="downstream", help="file stem of the JSON + Markdown (default: %(default)s)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -84,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
                         "device": args.device, "python": platform.python_version(), "lm_eval": report["lm_eval_version"],
                         "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "downstream.json", result)
     env = result["environment"]
     head = [f"# Downstream benchmark: mixture vs dense (paper App. B)", "",
             f"Run `{run}`, {result['num_experts']} experts, routing prefix {result['prefix_len']} tokens; "
@@ -93,14 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             f"dense {report['seconds'].get('dense')} s), {env['torch_threads']} torch threads on {env['cpus']} CPUs, "
             f"load average {env['loadavg_before'][0]:.1f} -> {env['loadavg_after'][0]:.1f} (shared machine).",
             "", "Reproduce: `python benchmarks/downstream.py --run-dir RUN" +
-            (f" --limit {args.limit}" if args.limit else "") + "`", ""]
-    atomic_write_text(RESULTS / "downstream.md", "\n".join(head) + "\n" + to_markdown(report))
+            (f" --limit {args.limit}" if args.limit else "") +
+            (f" --name {args.name}" if args.name != "downstream" else "") + "`", ""]
+    write_results(args.results, args.name, result, "\n".join(head) + "\n" + to_markdown(report))
     s = cmp_["summary"]
     print(f"downstream: mixture better or equal on {s['mixture_better'] + s['ties']}/{s['tasks']} tasks "
           f"({100 * (s['better_or_equal_rate'] or 0):.0f}%); BLiMP mean "
           + (f"mixture {cmp_['blimp'].get('mixture_mean'):.4f} vs dense {cmp_['blimp'].get('dense_mean'):.4f}"
              if cmp_["blimp"] else "n/a")
-          + f"; {wall:.0f} s; wrote {RESULTS / 'downstream.md'}")
+          + f"; {wall:.0f} s; wrote {args.results / (args.name + '.md')}")
     return 0
 
 

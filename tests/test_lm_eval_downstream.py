@@ -162,3 +162,22 @@ def test_eval_downstream_takes_a_task_yaml_and_prints_routing(tiny_mixture, tmp_
     assert main(["eval-downstream", "--bundle", str(tiny_mixture["bundle"]), "--tasks", "nope.yaml",
                  "--out", str(tmp_path)]) == 2
     assert "--tasks nope.yaml: task file not found" in capsys.readouterr().err
+
+
+def test_downstream_benchmark_writes_named_results_and_leaves_the_run_untouched(tiny_mixture, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_mixture["bundle"], run / "bundle")
+    shutil.copytree(tiny_mixture["dense"], run / "dense" / "model")
+    proc = subprocess.run([sys.executable, "benchmarks/downstream.py", "--run-dir", str(run), "--tasks", "hellaswag",
+                           "--limit", "4", "--out", str(tmp_path / "lm_eval"), "--results", str(tmp_path / "results"),
+                           "--name", "downstream_tiny", "--device", "cpu", "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "downstream_tiny.json").read_text())
+    (row,) = result["rows"]
+    raw = json.loads((tmp_path / "lm_eval" / "lm_eval_mixture.json").read_text())["results"]
+    assert row["task"] == "hellaswag_offline" and row["n"] == 4
+    assert row["mixture"] == raw["hellaswag_offline"]["acc_norm,none"]
+    md = (tmp_path / "results" / "downstream_tiny.md").read_text()
+    assert "--name downstream_tiny" in md and "hellaswag" in md
+    assert not (run / "eval").exists()  # --out keeps lm-eval's files out of the run directory
