@@ -28,6 +28,7 @@ import torch
 
 from _results import write_results
 from smalltalk.io import read_json
+from smalltalk.model.config import ModelConfig
 from smalltalk.model.flops import inference_flops, training_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,7 +62,9 @@ def mixture_points(results_file: Path, seeds_file: Path | None) -> list[dict]:
     seeds = read_json(seeds_file) if seeds_file and seeds_file.is_file() else None
     for r in read_json(results_file)["runs"]:
         E, c = r["num_experts"], r["costs"]
-        mix = {"label": f"mixture, E = {E}", "kind": "mixture", "num_experts": E, "test_ppl": r["mixture_ppl"],
+        expert_params = ModelConfig.from_dict(r["config"]["expert_model"]).num_params()
+        mix = {"label": f"mixture, E = {E}", "kind": "mixture", "num_experts": E, "params_per_expert": expert_params,
+               "test_ppl": r["mixture_ppl"],
                "test_seqs": r["test_seqs"], "training_flops": c["mixture_training"],
                "inference_flops": c["mixture_inference"]}
         if seeds and E == 4:
@@ -69,7 +72,8 @@ def mixture_points(results_file: Path, seeds_file: Path | None) -> list[dict]:
                             "improvement_pct": seeds["improvement_pct"]}
         points.append(mix)
         points.append({"label": f"dense baseline of E = {E} (expert size, {E}x the expert batch)", "kind": "dense",
-                       "hidden_size": r["config"]["expert_model"]["hidden_size"], "test_ppl": r["dense_ppl"],
+                       "hidden_size": r["config"]["expert_model"]["hidden_size"], "params": expert_params,
+                       "test_ppl": r["dense_ppl"],
                        "test_seqs": r["test_seqs"], "training_flops": c["dense_training"],
                        "inference_flops": c["dense_inference"]})
     return points
@@ -121,7 +125,7 @@ def to_markdown(report: dict) -> str:
     lines = ["# Mixtures vs dense models of increasing size (`cpu` scale, paper Figure 2)", "",
              "| model | params | test ppl | training FLOPs | inference FLOPs / seq |", "|---|---|---|---|---|"]
     for p in sorted(report["points"], key=lambda p: (p["kind"], p["training_flops"])):
-        params = f"{p['params']:,}" if "params" in p else ""
+        params = f"{p['params']:,}" if "params" in p else f"{p['num_experts']} x {p['params_per_expert']:,}"
         lines.append(f"| {p['label']} | {params} | {p['test_ppl']:.2f} | {p['training_flops']:.3e} | "
                      f"{p['inference_flops']:.3e} |")
     lines += ["", "| mixture | ppl | strongest dense model it matches | its ppl | dense / mixture inference FLOPs | "
