@@ -19,6 +19,7 @@ sequence, and for each mixture the smallest dense model it matches and the infer
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -50,7 +51,8 @@ def dense_point(run: Path, width: int, out: Path, steps: int, max_seqs: int) -> 
     Trainer(model, settings, train, out, progress=False).train()
     result = evaluate_model_dir(out / "model", layout.data, "test", max_seqs=max_seqs)
     S = train.dataset.seq_len
-    return {"label": f"dense, hidden {width}", "kind": "dense", "hidden_size": width, "params": model.num_params(),
+    return {"label": f"dense, hidden {width}", "kind": "dense", "width_curve": True, "hidden_size": width,
+            "params": model.num_params(),
             "test_ppl": result.ppl, "test_seqs": result.num_seqs,
             "training_flops": training_flops(model, settings.max_steps, settings.batch_size, S - 1),
             "inference_flops": inference_flops(model, S)}
@@ -72,21 +74,39 @@ def mixture_points(results_file: Path, seeds_file: Path | None) -> list[dict]:
                             "improvement_pct": seeds["improvement_pct"]}
         points.append(mix)
         points.append({"label": f"dense baseline of E = {E} (expert size, {E}x the expert batch)", "kind": "dense",
-                       "hidden_size": r["config"]["expert_model"]["hidden_size"], "params": expert_params,
+                       "baseline_of": E, "hidden_size": r["config"]["expert_model"]["hidden_size"], "params": expert_params,
                        "test_ppl": r["dense_ppl"],
                        "test_seqs": r["test_seqs"], "training_flops": c["dense_training"],
                        "inference_flops": c["dense_inference"]})
     return points
 
 
-def matches(points: list[dict]) -> list[dict]:
-    """For each mixture: the strongest dense model (lowest perplexity) it beats or equals, with the cost ratios."""
+def dense_equivalent(curve: list[dict], ppl: float) -> dict | None:
+    """The training and inference FLOPs a dense model of perplexity `ppl` would need, read off the width curve
+    (dense models trained on the same tokens, each wider than the last): log FLOPs interpolated linearly in log
+    perplexity between the two neighbouring widths. None outside the curve: no extrapolation."""
+    pts = sorted(curve, key=lambda p: p["inference_flops"])
+    for a, b in zip(pts, pts[1:]):
+        if min(a["test_ppl"], b["test_ppl"]) <= ppl <= max(a["test_ppl"], b["test_ppl"]) and \
+                a["test_ppl"] != b["test_ppl"]:
+            t = math.log(ppl / a["test_ppl"]) / math.log(b["test_ppl"] / a["test_ppl"])
+            return {k: a[k] * (b[k] / a[k]) ** t for k in ("training_flops", "inference_flops")}
+    return None
+
+
+def matches(points: list[dict], curve: list[dict]) -> list[dict]:
+    """For each mixture: the strongest dense model (lowest perplexity) it beats or equals, with the cost ratios, and
+    the cost of a dense model of equal perplexity on the width curve (`dense_equivalent`)."""
     dense = sorted((p for p in points if p["kind"] == "dense"), key=lambda p: p["inference_flops"])
     out = []
     for m in (p for p in points if p["kind"] == "mixture"):
         beaten = [d for d in dense if m["test_ppl"] <= d["test_ppl"]]
         best = min(beaten, key=lambda d: d["test_ppl"]) if beaten else None
+        eq = dense_equivalent(curve, m["test_ppl"])
         out.append({"mixture": m["label"], "mixture_ppl": m["test_ppl"],
+                    "equal_ppl_dense_over_mixture_inference": eq["inference_flops"] / m["inference_flops"] if eq
+                    else None,
+                    "equal_ppl_dense_over_mixture_training": eq["training_flops"] / m["training_flops"] if eq else None,
                     "dense_matched": best["label"] if best else None,
                     "dense_ppl": best["test_ppl"] if best else None,
                     "dense_over_mixture_inference": best["inference_flops"] / m["inference_flops"] if best else None,
@@ -110,6 +130,9 @@ def plot(points: list[dict], path: Path) -> None:
             for p in pts:
                 short = f"E={p['num_experts']}" if kind == "mixture" else f"h{p['hidden_size']}"
                 ax.annotate(short, (p[key], p["test_ppl"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        curve = sorted((p for p in points if p.get("width_curve")), key=lambda p: p[key])
+        ax.plot([p[key] for p in curve], [p["test_ppl"] for p in curve], color="tab:gray", alpha=0.5,
+                label="dense, widening (same tokens)")
         ax.set_xscale("log")
         ax.set_xlabel(title)
         ax.set_ylabel("test perplexity")
@@ -129,15 +152,21 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {p['label']} | {params} | {p['test_ppl']:.2f} | {p['training_flops']:.3e} | "
                      f"{p['inference_flops']:.3e} |")
     lines += ["", "| mixture | ppl | strongest dense model it matches | its ppl | dense / mixture inference FLOPs | "
-              "dense / mixture training FLOPs |", "|---|---|---|---|---|---|"]
+              "dense / mixture training FLOPs | dense of equal ppl / mixture: inference FLOPs | training FLOPs |",
+              "|---|---|---|---|---|---|---|---|"]
+    ratio = lambda v: f"{v:.2f}x" if v is not None else "off the curve"  # noqa: E731
     for m in report["matches"]:
-        if m["dense_matched"] is None:
-            lines.append(f"| {m['mixture']} | {m['mixture_ppl']:.2f} | none | | | |")
-        else:
-            lines.append(f"| {m['mixture']} | {m['mixture_ppl']:.2f} | {m['dense_matched']} | "
-                         f"{m['dense_ppl']:.2f} | {m['dense_over_mixture_inference']:.2f}x | "
-                         f"{m['dense_over_mixture_training']:.2f}x |")
-    lines += ["", f"Dense models of other widths: `{report['run']}`'s data, expert architecture and E = 4 dense "
+        found = m["dense_matched"] is not None
+        lines.append(f"| {m['mixture']} | {m['mixture_ppl']:.2f} | {m['dense_matched'] or 'none'} | "
+                     + (f"{m['dense_ppl']:.2f} | {m['dense_over_mixture_inference']:.2f}x | "
+                        f"{m['dense_over_mixture_training']:.2f}x | " if found else "| | | ")
+                     + f"{ratio(m['equal_ppl_dense_over_mixture_inference'])} | "
+                       f"{ratio(m['equal_ppl_dense_over_mixture_training'])} |")
+    curve = ", ".join(p["label"] for p in report["points"] if p.get("width_curve"))
+    lines += ["", f"Dense of equal ppl: the FLOPs a dense model as good as the mixture would need, read off the width "
+              f"curve ({curve}; all trained on the same tokens) by interpolating log FLOPs linearly in log "
+              "perplexity between neighbouring widths; 'off the curve' where the mixture is outside its range.",
+              "", f"Dense models of other widths: `{report['run']}`'s data, expert architecture and E = 4 dense "
               f"settings; test perplexity on {report['max_seqs']:,} evenly spaced test sequences (the "
               "mixture evaluation's). Mixture points: " + ", ".join(report["mixture_sources"]) + f". Machine: "
               f"{report['machine']}.", "", "![trade-off](tradeoff.png)"]
@@ -159,14 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from smalltalk.mixture.layout import read_run_config
 
-    max_seqs = args.max_seqs or read_run_config(args.run).eval.max_seqs
+    run_cfg = read_run_config(args.run)
+    max_seqs = args.max_seqs or run_cfg.eval.max_seqs
     runs_dir = args.runs_dir or args.run.parent
     points = mixture_points(args.mixture_results, args.seeds)
     for width in (int(w) for w in args.widths.split(",") if w.strip()):
         points.append(dense_point(args.run, width, runs_dir / f"tradeoff-dense-h{width}", args.steps, max_seqs))
         print(f"dense h{width}: test ppl {points[-1]['test_ppl']:.2f}", file=sys.stderr)
+    # The width curve: the run's own dense baseline and the wider models, all trained on the same tokens.
+    curve = [p for p in points if p.get("width_curve") or p.get("baseline_of") == run_cfg.num_experts]
+    for p in curve:
+        p["width_curve"] = True
     report = {"benchmark": "tradeoff", "run": str(args.run), "max_seqs": max_seqs, "points": points,
-              "matches": matches(points), "mixture_sources": [str(args.mixture_results), str(args.seeds)],
+              "matches": matches(points, curve), "mixture_sources": [str(args.mixture_results), str(args.seeds)],
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"torch {torch.__version__}, {args.threads} threads"}
     plot(points, args.results / "tradeoff.png")

@@ -45,5 +45,22 @@ def test_tradeoff_trains_scores_and_compares_on_both_flop_axes(run_dir, tmp_path
     for m in report["matches"]:
         beaten = [d for d in dense if m["mixture_ppl"] <= d["test_ppl"]]
         assert m["dense_ppl"] == (min(d["test_ppl"] for d in beaten) if beaten else None)
+    # The width curve is the run's own dense baseline (E = 4 settings) and the wider model.
+    assert {p["label"] for p in report["points"] if p.get("width_curve")} == {
+        "dense, hidden 24", "dense baseline of E = 4 (expert size, 4x the expert batch)"}
     assert (tmp_path / "tradeoff.png").stat().st_size > 0 and "strongest dense model" in (
         tmp_path / "tradeoff.md").read_text()
+
+
+def test_dense_equivalent_interpolates_log_flops_in_log_perplexity_and_never_extrapolates():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from tradeoff import dense_equivalent
+
+    curve = [{"test_ppl": 40.0, "training_flops": 1e12, "inference_flops": 1e7},
+             {"test_ppl": 20.0, "training_flops": 4e12, "inference_flops": 4e7},
+             {"test_ppl": 10.0, "training_flops": 16e12, "inference_flops": 1e8}]
+    # Halfway in log perplexity between the first two widths is halfway in log FLOPs: the geometric mean.
+    eq = dense_equivalent(curve, (40.0 * 20.0) ** 0.5)
+    assert eq["training_flops"] == pytest.approx(2e12) and eq["inference_flops"] == pytest.approx(2e7)
+    assert dense_equivalent(curve, 10.0)["inference_flops"] == pytest.approx(1e8)
+    assert dense_equivalent(curve, 9.9) is None and dense_equivalent(curve, 41.0) is None
