@@ -81,6 +81,12 @@ def mixture_points(results_file: Path, seeds_file: Path | None) -> list[dict]:
     return points
 
 
+def shown(path: Path) -> str:
+    """A path as the Markdown shows it: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(RESULTS.parent.parent)) if path.is_relative_to(RESULTS.parent.parent) else str(path)
+
+
 def dense_equivalent(curve: list[dict], ppl: float) -> dict | None:
     """The training and inference FLOPs a dense model of perplexity `ppl` would need, read off the width curve
     (dense models trained on the same tokens, each wider than the last): log FLOPs interpolated linearly in log
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in curve:
         p["width_curve"] = True
     report = {"benchmark": "tradeoff", "run": str(args.run), "max_seqs": max_seqs, "points": points,
-              "matches": matches(points, curve), "mixture_sources": [str(args.mixture_results), str(args.seeds)],
+              "matches": matches(points, curve), "mixture_sources": [shown(args.mixture_results), shown(args.seeds)],
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"torch {torch.__version__}, {args.threads} threads"}
     plot(points, args.results / "tradeoff.png")
