@@ -8,8 +8,10 @@ from pathlib import Path
 from smalltalk.io import atomic_write_json, atomic_write_text
 
 
-def write_results(results: Path, stem: str, report: dict, markdown: str) -> None:
+def write_results(results: Path, stem: str, report: dict, markdown: str, show: bool = True) -> None:
+    """`show=False` for a benchmark that prints its own shorter summary."""
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(results / f"{stem}.json", report)
     atomic_write_text(results / f"{stem}.md", markdown)
-    print(markdown)
+    if show:
+        print(markdown)

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                         "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())},
     }
     env = result["environment"]
-    head = [f"# Downstream benchmark: mixture vs dense (paper App. B)", "",
+    head = ["# Downstream benchmark: mixture vs dense (paper App. B)", "",
             f"Run `{run}`, {result['num_experts']} experts, routing prefix {result['prefix_len']} tokens; "
             f"{f'limit {args.limit} items per task' if args.limit else 'all items of every task'}; wall {wall:.0f} s (mixture {report['seconds'].get('mixture')} s, "
             f"dense {report['seconds'].get('dense')} s), {env['torch_threads']} torch threads on {env['cpus']} CPUs, "

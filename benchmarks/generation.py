@@ -28,7 +28,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from smalltalk.io import atomic_write_json, atomic_write_text  # noqa: E402
+from _results import write_results  # noqa: E402
 from smalltalk.model.config import preset  # noqa: E402
 from smalltalk.model.generate import encode, generate, generate_batch  # noqa: E402
 from smalltalk.model.hf_export import export_hf  # noqa: E402
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                         "transformers": transformers.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "generation.json", result)
-    atomic_write_text(RESULTS / "generation.md", markdown(result))
-    print(markdown(result))
+    write_results(RESULTS, "generation", result, markdown(result))
     return 0 if result["target_met"] and same_tokens else 1
 
 

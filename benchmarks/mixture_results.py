@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from _results import write_results
 from smalltalk.errors import SmallTalkError
-from smalltalk.io import atomic_write_json, atomic_write_text, read_json
+from smalltalk.io import read_json
 from smalltalk.mixture.config import run_preset
 from smalltalk.mixture.layout import RunLayout
 from smalltalk.mixture.pipeline import run_pipeline
@@ -115,10 +116,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"torch {torch.__version__}, cuda {torch.cuda.is_available()}",
               "threads": args.threads}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.preset == "cpu" else f"_{args.preset}"
-    atomic_write_json(RESULTS / f"{NAME}{suffix}.json", report)
-    atomic_write_text(RESULTS / f"{NAME}{suffix}.md", to_markdown(report))
+    write_results(RESULTS, f"{NAME}{suffix}", report, to_markdown(report), show=False)
     for r in runs:
         print(f"E={r['num_experts']}: mixture ppl {r['mixture_ppl']:.3f} vs dense {r['dense_ppl']:.3f} "
               f"({r['improvement_pct']:+.2f}%), every expert better on its segment: "

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from smalltalk.data.tokenizer import train_tokenizer
-from smalltalk.io import atomic_write_json, atomic_write_text
+from _results import write_results
 from smalltalk.paths import default_corpus_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
               "whole_document_mb": args.whole_mb, "whole": whole,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "loadavg": [round(x, 2) for x in os.getloadavg()]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "prepare_long_document.json", report)
     md = ["# `prepare` on one huge single-line document", "",
           f"Machine: {report['machine']}, load average {report['loadavg']}; `smalltalk prepare --workers 1`, "
           "given tokenizer (8192), peak RSS of the child process.", "",
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{whole['peak_rss_mb'] / args.whole_mb:.1f}x | {whole['seconds']:.0f} | {whole['train_tokens']:,} |",
           f"| {args.mb} MB, one line | in pieces of 1,000,000 characters (default) | {pieces['peak_rss_mb']:.0f} | "
           f"{pieces['peak_rss_mb'] / args.mb:.1f}x | {pieces['seconds']:.0f} | {pieces['train_tokens']:,} |", ""]
-    atomic_write_text(RESULTS / "prepare_long_document.md", "\n".join(md))
+    write_results(RESULTS, "prepare_long_document", report, "\n".join(md), show=False)
     print(f"{args.mb} MB single line: peak RSS {pieces['peak_rss_mb']:.0f} MB ({pieces['peak_rss_mb'] / args.mb:.1f}x); "
           f"{args.whole_mb} MB tokenized whole: {whole['peak_rss_mb']:.0f} MB ({whole['peak_rss_mb'] / args.whole_mb:.1f}x)")
     return 0

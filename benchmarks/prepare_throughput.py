@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from smalltalk.io import atomic_write_json, atomic_write_text
+from _results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.8
@@ -176,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         "ab": result_ab, "ratio_wall": ratio, "ratio_cpu": ratio_cpu, "target_ratio": TARGET,
         "loadavg": loads, "python": platform.python_version(), "machine": platform.machine(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "prepare_throughput.json", result)
     md = "\n".join([
         f"# prepare throughput ({scope})",
         "",
@@ -201,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| ratio prepare / faster reference (target >= {TARGET}) | **{ratio:.2f}** | **{ratio_cpu:.2f}** |",
         "",
     ])
-    atomic_write_text(RESULTS / "prepare_throughput.md", md)
-    print(md)
+    write_results(RESULTS, "prepare_throughput", result, md)
     return 0
 
 

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from smalltalk.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from _results import write_results
+from smalltalk.io import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ANALYSES = ("prefix-length", "router-size", "tfidf", "random-shards", "specialisation")
@@ -155,13 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                         "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
     }
     stem = "routing_analyses" if args.scale == "cpu" else f"routing_analyses_{args.scale}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / f"{stem}.json", report)
+    write_results(RESULTS, stem, report, markdown(report, base, stem), show=False)
     for name in ANALYSES:
         png = base / "analysis" / name / f"{name}.png"
         if png.is_file():
             atomic_write_bytes(RESULTS / f"{stem}_{name}.png", png.read_bytes())
-    atomic_write_text(RESULTS / f"{stem}.md", markdown(report, base, stem))
     print(markdown(report, base, sections=False))
     return 0
 

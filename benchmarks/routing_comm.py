@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -44,7 +46,6 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from smalltalk.io import atomic_write_json, atomic_write_text
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,8 +74,6 @@ def main() -> int:
                 })
     result = {"benchmark": "routing_comm", "world_size": 2, "num_experts": args.num_experts,
               "iterations": args.iterations, "loadavg": os.getloadavg(), "rows": rows}
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results / "routing_comm.json", result)
     lines = [f"# Score exchange per worker: 2 workers, E = {args.num_experts}, {args.iterations} EM iterations", "",
              "| dtype | rank | exchanges | N / exchange | sent (all) | sent (routing) | paper per router | "
              "all-gather estimate | routing / estimate |", "|---|---|---|---|---|---|---|---|---|"]
@@ -86,8 +85,7 @@ def main() -> int:
     lines += ["", "Bytes are payload bytes (ring accounting: each worker sends and receives P - 1 blocks of its "
               "padded share). With E divisible by P the routing bytes equal the all-gather estimate exactly; "
               "the paper's per-router figure counts one score per sequence each way."]
-    atomic_write_text(args.results / "routing_comm.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.results, "routing_comm", result, "\n".join(lines) + "\n")
     return 0
 
 

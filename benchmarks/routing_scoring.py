@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from _results import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_SPEEDUP, TARGET_UTIL = 3.0, 0.3
 
@@ -147,11 +149,6 @@ def main() -> int:
         "rows": rows,
     }
     suffix = "" if device.type == "cpu" else f"_{device.type}"
-    from smalltalk.io import atomic_write_json, atomic_write_text
-
-    results_dir = args.results
-    results_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(results_dir / f"routing_scoring{suffix}.json", result)
     lines = [f"# Router prefix scoring ({device}, {args.threads} threads, M = {args.prefix_len})", "",
              f"fp32 matmul rate {rate / 1e9:.1f} GFLOP/s; load average before {load_before[0]:.2f}, "
              f"after {load_after[0]:.2f} (shared machine).", "",
@@ -163,7 +160,7 @@ def main() -> int:
                      f"| {r['speedup_vs_loop']:.2f} | {r['speedup_vs_loop_same']:.2f} |")
     lines += ["", f"Targets: >= {TARGET_SPEEDUP}x the loop at E = 16 (met: {result['met']['speedup_vs_loop_at_E16']}), "
               f"utilisation >= {TARGET_UTIL} (met: {result['met']['utilisation']})."]
-    atomic_write_text(results_dir / f"routing_scoring{suffix}.md", "\n".join(lines) + "\n")
+    write_results(args.results, f"routing_scoring{suffix}", result, "\n".join(lines) + "\n", show=False)
     print(json.dumps(result["met"]))
     return 0
 

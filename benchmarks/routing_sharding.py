@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -35,7 +37,6 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from smalltalk.io import atomic_write_json, atomic_write_text
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -79,16 +80,13 @@ def main() -> int:
         "peak_rss_mb_max_child": peak_rss_mb, "counts": info["counts"],
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results / "routing_sharding.json", result)
     md = (f"# Sharding ({result['train_seqs']} train sequences x {result['seq_len']} tokens, vocab "
           f"{result['vocab_size']}, E = {result['num_experts']} {result['router_preset']} routers, M = "
           f"{result['prefix_len']})\n\n| workers | threads | wall s | seq/s | peak RSS (MB, largest process) | "
           f"experts |\n|---|---|---|---|---|---|\n| {args.workers} | {args.threads} | {wall:.1f} | "
           f"{result['seqs_per_s']:.0f} | {peak_rss_mb:.0f} | {info['counts']} |\n\nLoad average before "
           f"{load_before[0]:.2f} (shared machine).\n")
-    atomic_write_text(args.results / "routing_sharding.md", md)
-    print(md)
+    write_results(args.results, "routing_sharding", result, md)
     return 0
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from smalltalk.io import atomic_write_json, atomic_write_text, read_json
+from _results import write_results
+from smalltalk.io import read_json
 from smalltalk.mixture.config import run_preset
 from smalltalk.mixture.layout import RunLayout
 from smalltalk.mixture.pipeline import run_pipeline
@@ -80,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
               "mixture_ppl": {"mean": mixture[0], "std": mixture[1]}, "dense_ppl": {"mean": dense[0], "std": dense[1]},
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
               "loadavg": [round(x, 2) for x in os.getloadavg()]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "mixture_seeds.json", report)
     md = [f"# Mixture vs dense over seeds (`{args.preset}` preset, E = 4)", "",
           f"Machine: {report['machine']}. The seed changes EM's initial assignment, initial weights and data order.", "",
           "| seed | mixture ppl | dense ppl | improvement | every expert beats dense | test seqs | source |",
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{r['every_expert_beats_dense']} | {r['test_seqs']} | `{r['source']}` |" for r in rows]
     md += ["", f"Over {len(rows)} seeds: mixture {mixture[0]:.2f} +- {mixture[1]:.2f}, dense {dense[0]:.2f} +- "
                f"{dense[1]:.2f}, improvement **{improvement[0]:+.1f}% +- {improvement[1]:.1f}** (mean +- sample std).", ""]
-    atomic_write_text(RESULTS / "mixture_seeds.md", "\n".join(md))
+    write_results(RESULTS, "mixture_seeds", report, "\n".join(md), show=False)
     print(md[-2])
     return 0
 

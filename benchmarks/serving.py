@@ -35,8 +35,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _results import write_results  # noqa: E402
 from smalltalk.errors import SmallTalkError  # noqa: E402
-from smalltalk.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from smalltalk.io import read_json  # noqa: E402
 from smalltalk.mixture.layout import RunLayout  # noqa: E402
 from smalltalk.paths import default_corpus_dir  # noqa: E402
 from smalltalk.serving.process import ServerProcess  # noqa: E402
@@ -194,10 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                    "num_prompts": len(prompts), "prompt_chars": args.prompt_chars, "targets": TARGETS, "loadavg_before": load_before,
                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"})
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"serving_{args.tag}" if args.tag else "serving"
-    atomic_write_json(RESULTS / f"{stem}.json", report)
-    atomic_write_text(RESULTS / f"{stem}.md", to_markdown(report))
+    write_results(RESULTS, stem, report, to_markdown(report), show=False)
     s = report["summary"]
     print(f"batching x{s['batching_speedup_at_8']:.2f} at concurrency 8; mixture/dense tokens/s "
           f"{', '.join(f'{x:.2f}' for x in s['mixture_over_dense'])}; routing {report['mixture']['routing_share_pct']}% "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from smalltalk.io import atomic_write_json, atomic_write_text
+from _results import write_results
 from smalltalk.mixture.bundle import read_bundle
 from smalltalk.mixture.shrink import opt_out_table
 
@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"}
     for r in report["rows"]:
         r["bundle"] = label
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "shrink_cost.json", report)
     n = rows[0]["num_seqs"]
     md = [f"# Opt-out cost: each expert of `{label}` dropped in turn", "",
           f"{n} test sequences; machine {report['machine']}. Segment = the test sequences routed to the dropped expert.", "",
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"| expert {r['dropped'][0]} | {100 * s['num_seqs'] / n:.1f}% | {s['ppl_before']:.3f} | {s['ppl_after']:.3f} | "
                   f"{s['dense_ppl']:.3f} | {rest['ppl_before']:.3f} -> {rest['ppl_after']:.3f} | "
                   f"{a['ppl_before']:.3f} -> {a['ppl_after']:.3f} (dense {a['dense_ppl']:.3f}) |")
-    atomic_write_text(RESULTS / "shrink_cost.md", "\n".join(md) + "\n")
+    write_results(RESULTS, "shrink_cost", report, "\n".join(md) + "\n", show=False)
     print("\n".join(md[-E:]))
     return 0
 

@@ -31,6 +31,8 @@ from pathlib import Path
 # Runnable from a plain checkout (no install): the package lives in ../src.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _results import write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {("cpu", "cpu-small"): 0.35, ("cuda", "expert-335m"): 0.40}
 # Per preset: (batch size, train preset) used by default; the CPU batches fill the cores without
@@ -220,12 +222,8 @@ def main() -> int:
               f"peak {record['peak_memory_mib']:,.0f} MiB")
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
 
-    from smalltalk.io import atomic_write_json, atomic_write_text
-
     stem = "train_throughput_cuda" if cuda else "train_throughput"
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results / f"{stem}.json", result)
-    atomic_write_text(args.results / f"{stem}.md", to_markdown(result))
+    write_results(args.results, stem, result, to_markdown(result), show=False)
     print(f"wrote {args.results / stem}.json and .md")
     return 0
 
