@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         layout = RunLayout(run)
         if layout.results.is_file():
             rows.append(row_of(read_json(layout.results), f"run {run.name}"))
+    if not rows:
+        print(f"error: no finished runs: looked for {args.runs_dir}/{args.name} (results.json) with seeds {args.seeds}"
+              + (f" and E = 4 in {args.from_json}" if args.from_json else "") + "; check --runs-dir and --name",
+              file=sys.stderr)
+        return 2
     rows.sort(key=lambda r: r["seed"])
     improvement = mean_std([r["improvement_pct"] for r in rows])
     mixture = mean_std([r["mixture_ppl"] for r in rows])

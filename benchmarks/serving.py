@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {p}: not found; give a finished run (smalltalk run ...)", file=sys.stderr)
             return 2
     levels = [int(c) for c in args.concurrency.split(",")]
+    if not {1, 8} <= set(levels):
+        print(f"error: --concurrency {args.concurrency}: must include 1 and 8 (the batching target compares them), "
+              "e.g. 1,8 or 1,8,32", file=sys.stderr)
+        return 2
     prompts = test_prompts(args.corpus or default_corpus_dir(), chars=args.prompt_chars)
     torch.set_num_threads(args.threads)
     load_before = [round(x, 2) for x in os.getloadavg()]
