@@ -13,7 +13,8 @@ the dense curve at the expert size.
 
 Every dense model trains in ``<runs-dir>/tradeoff-dense-h<W>`` and resumes after an interruption. Writes
 tradeoff.{json,md,png} to --results: test perplexity against training FLOPs and against inference FLOPs per
-sequence, and for each mixture the smallest dense model it matches and the inference-cost ratio.
+sequence; for each mixture the strongest dense model it matches with the cost ratios, and the training and
+inference FLOPs a dense model of equal perplexity would need, read off the width curve (`dense_equivalent`).
 """
 
 from __future__ import annotations
