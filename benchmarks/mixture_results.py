@@ -72,6 +72,7 @@ def to_markdown(report: dict) -> str:
                      f"| {c['inference_overhead_pct']:+.2f}% | {sum(r['timings_s'].values()):.0f} |")
     lines += ["", "Targets (issue 5, E = 4): improvement >= 8%, every expert below dense on its segment, inference "
               "FLOPs within +10% of dense.", ""]
+    lines += flops_table(report["runs"])
     for r in report["runs"]:
         lines += [f"## E = {r['num_experts']}", "", "| Expert | Test share | Expert ppl | Dense ppl | Improvement |",
                   "|---|---|---|---|---|"]
@@ -83,6 +84,21 @@ def to_markdown(report: dict) -> str:
         lines += [f"| {s['prefix_len']} | {s['ppl']:.3f} | {s['improvement_pct']:+.2f}% |" for s in r["prefix_sweep"]]
         lines += ["", f"Full report: `{r['run_dir']}/report.md`.", ""]
     return "\n".join(lines)
+
+
+def flops_table(runs: list[dict]) -> list[str]:
+    """Where the mixture's training FLOPs go (paper App. A.3: routers' EM, scoring for sharding, experts) next to
+    the dense baseline's, and inference FLOPs per S-token sequence (E routers score the M-hat prefix, one expert the sequence)."""
+    lines = ["## FLOPs", "", "| E | Experts training | Routers EM training | Routers scoring (EM + sharding) | "
+             "Mixture total | Dense training | Mixture / dense | Inference per sequence: expert + E routers | Dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c = r["costs"]
+        lines.append(f"| {r['num_experts']} | {c['experts_training']:.4g} | {c['routers_training']:.4g} "
+                     f"| {c['routers_sharding'] + c['experts_sharding']:.4g} | {c['mixture_training']:.4g} "
+                     f"| {c['dense_training']:.4g} | {c['mixture_training'] / c['dense_training']:.4f} "
+                     f"| {c['expert_inference']:.4g} + {c['routers_inference']:.4g} | {c['dense_inference']:.4g} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
