@@ -29,7 +29,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from smalltalk.errors import SmallTalkError  # noqa: E402
-from smalltalk.evaluation.downstream import DownstreamConfig, run_downstream, to_markdown  # noqa: E402
+from smalltalk.evaluation.downstream import DownstreamConfig, run_downstream  # noqa: E402
+from smalltalk.evaluation.downstream_report import to_markdown  # noqa: E402
 from _results import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (<= 2 on the shared machine)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="directory of the JSON + Markdown")
     ap.add_argument("--name", default="downstream", help="file stem of the JSON + Markdown (default: %(default)s)")
+    ap.add_argument("--fresh", action="store_true", help="evaluate both sides again instead of reusing the ones "
+                                                          "saved by an interrupted run (same models and settings)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
     common = dict(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks,
-                  device=args.device)
+                  device=args.device, resume=not args.fresh)
     try:
         if args.out:
             cfg = DownstreamConfig(bundle=str(run / "bundle"), dense=str(run / "dense" / "model"), out=args.out,
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = DownstreamConfig(run_dir=str(run), **common)
         load_before = list(os.getloadavg())
         start = time.perf_counter()
-        report = run_downstream(cfg)
+        report = run_downstream(cfg, log=print)
     except SmallTalkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from smalltalk.cli import main  # noqa: E402
-from smalltalk.evaluation.downstream import compare, resolve_tasks, update_report  # noqa: E402
+from smalltalk.evaluation.downstream import compare, resolve_tasks  # noqa: E402
+from smalltalk.evaluation.downstream_report import update_report  # noqa: E402
 from smalltalk.evaluation.lm_eval_cli import TASKS_DIR, task_paths  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +182,37 @@ def test_downstream_benchmark_writes_named_results_and_leaves_the_run_untouched(
     md = (tmp_path / "results" / "downstream_tiny.md").read_text()
     assert "--name downstream_tiny" in md and "hellaswag" in md
     assert not (run / "eval").exists()  # --out keeps lm-eval's files out of the run directory
+
+
+def test_eval_downstream_resumes_finished_sides_and_redoes_changed_ones(tiny_mixture, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_mixture["bundle"], run / "bundle")
+    shutil.copytree(tiny_mixture["dense"], run / "dense" / "model")
+    argv = ["eval-downstream", "--run-dir", str(run), "--tasks", "blimp_adjunct_island,gsm8k", "--limit", "3",
+            "--max-gen-toks", "4", "--batch-size", "8", "--device", "cpu"]
+
+    def downstream(*extra):
+        assert main(argv + list(extra)) == 0
+        err = capsys.readouterr().err
+        report = json.loads((run / "eval" / "downstream.json").read_text())
+        return report, {side for side in ("mixture", "dense") if f"{side}: reusing" in err}
+
+    first, reused = downstream()
+    assert reused == set() and first["reused"] == []
+    # Both sides finished: a re-run evaluates nothing and reports the same rows.
+    again, reused = downstream()
+    assert reused == {"mixture", "dense"} == set(again["reused"])
+    assert again["comparison"]["rows"] == first["comparison"]["rows"]
+    # A job cut off during the dense side left only the mixture's results: only dense is evaluated.
+    (run / "eval" / "lm_eval_dense.json").unlink()
+    resumed, reused = downstream()
+    assert reused == {"mixture"} and resumed["comparison"]["rows"] == first["comparison"]["rows"]
+    # A retrained model (its weights rewritten) or other settings are evaluated again.
+    weights = next(p for p in (run / "dense" / "model").iterdir() if p.suffix == ".safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    _, reused = downstream()
+    assert reused == {"mixture"}
+    _, reused = downstream("--limit", "2")
+    assert reused == set()
+    fresh, reused = downstream("--fresh")
+    assert reused == set() and fresh["comparison"]["rows"] == first["comparison"]["rows"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="route requests with an empty context (BLiMP sentences) by the scored text itself "
                              "(sequence, default) or send them to the bundle's fallback expert")
     parser.add_argument("--seed", type=int, default=1234, help="seed for lm-eval and sampling (default: 1234)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="evaluate both sides again even when OUT holds a side's results from the same model "
+                             "files and settings (default: reuse them, so an interrupted job resumes)")
     parser.set_defaults(func=run)
     return parser
 
@@ -54,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
                            prefix_len=args.prefix_len, batch_size=args.batch_size, device=args.device,
                            evals_dir=args.evals, online=args.online, num_fewshot=args.num_fewshot,
                            max_gen_toks=args.max_gen_toks, empty_context=args.empty_context,
-                           seed=args.seed, include_path=args.include_path or [])
-    report = run_downstream(cfg)
+                           seed=args.seed, include_path=args.include_path or [], resume=not args.fresh)
+    report = run_downstream(cfg, log=lambda msg: print(msg, file=sys.stderr))
     routing = (report["comparison"].get("routing") or {}).get("requests", {})
     for task, counts in routing.items():
         total = sum(counts.values()) or 1

@@ -8,11 +8,14 @@ routes every request by its own prefix, see `lm_eval_model.py`). Written to `out
 
     downstream.json   config, per-task rows, BLiMP summary, win rate, routing counts, timings, load average
     downstream.md     the App. B style table (winner in bold, ties both bold) + routing breakdown
-    lm_eval_mixture.json, lm_eval_dense.json   lm-eval's own results (all metrics, configs)
+    lm_eval_mixture.json, lm_eval_dense.json   lm-eval's own results (all metrics, configs), each saved when
+                                             its side is done and reused by a re-run with the same
+                                             model files and settings (a resumed job redoes no finished side)
 
 With a run directory (`smalltalk run` layout, mixture/layout.py) the bundle is ``<run>/bundle``, the
 dense baseline ``<run>/dense/model``, `out` is ``<run>/eval``, and the Markdown is also put into
-``<run>/report.md`` as a section between ``<!-- downstream -->`` markers (replaced on re-runs).
+``<run>/report.md`` as a section between ``<!-- downstream -->`` markers (replaced on re-runs;
+`downstream_report.py`).
 
 Task names. ``blimp``, ``hellaswag`` and ``gsm8k`` mean the local copies (``blimp_offline`` = all 67
 paradigms, ``hellaswag_offline``, ``gsm8k_offline``; data in $SMALLTALK_EVALS); ``blimp_<paradigm>``
@@ -38,6 +41,7 @@ from typing import Any
 
 from ..errors import SmallTalkError
 from ..io import atomic_write_json, atomic_write_text
+from .downstream_report import SIDES, to_markdown, update_report
 
 OFFLINE_TASKS = {"blimp": "blimp_offline", "hellaswag": "hellaswag_offline", "gsm8k": "gsm8k_offline"}
 # Primary metric per task family (lm-eval result key), first match wins.
@@ -48,11 +52,8 @@ PRIMARY_METRICS = (
     ("", "acc,none"),
     ("", "exact_match,none"),
 )
-SIDES = ("mixture", "dense")
 TIE_DECIMALS = 4
 
-
-REPORT_BEGIN, REPORT_END = "<!-- downstream -->", "<!-- /downstream -->"
 
 
 @dataclass
@@ -83,6 +84,8 @@ class DownstreamConfig:
     seed: int = 1234
     include_path: list[str] = field(default_factory=list)
     """Directories of the user's own lm-eval task YAMLs (our offline tasks are always included)."""
+    resume: bool = True
+    """Reuse a side's lm-eval results saved in `out` when its model files and these settings are unchanged."""
 
     def __post_init__(self) -> None:
         if self.run_dir is not None:
@@ -282,71 +285,42 @@ def _routing_table(mixture: dict | None) -> dict | None:
     return {"num_experts": mixture["model"]["smalltalk"]["num_experts"], "requests": per_task}
 
 
-def display_task(task: str) -> str:
-    """lm-eval task name -> table label: blimp_offline_<p> -> blimp/<p>, hellaswag_offline -> hellaswag."""
-    if task.startswith("blimp_offline_"):
-        return "blimp/" + task[len("blimp_offline_"):]
-    return task.removesuffix("_offline")
+def side_key(cfg: DownstreamConfig, side: str, tasks: list[str]) -> dict:
+    """Everything one side's lm-eval results depend on: the model's files (path, size, mtime) and the settings.
+    A re-run reuses a side's saved results only when this is unchanged."""
+    path = Path(cfg.bundle if side == "mixture" else cfg.dense).resolve()
+    files = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in path.rglob("*") if f.is_file() and not f.name.startswith(".smalltalk.lock"))
+    key = {"side": side, "model": str(path), "files": [list(f) for f in files], "tasks": tasks, "limit": cfg.limit,
+           "num_fewshot": cfg.num_fewshot, "max_gen_toks": cfg.max_gen_toks, "seed": cfg.seed,
+           "batch_size": cfg.batch_size, "device": cfg.device, "online": cfg.online,
+           "evals_dir": None if cfg.online else str(_evals_dir(cfg)), "include_path": cfg.include_path}
+    if side == "mixture":
+        key.update(prefix_len=cfg.prefix_len, empty_context=cfg.empty_context)
+    return key
 
 
-def display_metric(key: str | None) -> str:
-    if key is None:
-        return "-"
-    name, _, filt = key.partition(",")
-    return name if filt in ("", "none") else f"{name} ({filt})"
+def _evals_dir(cfg: DownstreamConfig) -> Path:
+    from .task_data import resolve_evals_dir
+
+    return resolve_evals_dir(cfg.evals_dir).resolve()
 
 
-def _fmt(value: float | None, stderr: float | None, bold: bool) -> str:
-    if value is None:
-        return "-"
-    text = f"{value:.4f}"
-    text = f"**{text}**" if bold else text
-    return f"{text} ± {stderr:.4f}" if stderr is not None else text
+def saved_side(path: Path, key: dict) -> dict | None:
+    """The side saved at `path` by an earlier run with the same `key`, else None (missing, unreadable or stale)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == key and "results" in data else None
 
 
-def to_markdown(report: dict) -> str:
-    cfg, cmp_ = report["config"], report["comparison"]
-    num_experts = (cmp_["routing"] or {}).get("num_experts")
-    head_mix = f"mixture ({num_experts} experts)" if num_experts else "mixture"
-    items = f"limit {cfg['limit']} items per task" if cfg["limit"] else "all items of every task"
-    empty = "the scored sentence" if cfg.get("empty_context", "sequence") == "sequence" else "the fallback expert"
-    lines = ["## Downstream evaluation: mixture vs dense", "",
-             f"lm-eval {report['lm_eval_version']}, zero-shot unless stated, {items}, routing prefix "
-             f"{report.get('prefix_len')} tokens, empty contexts (BLiMP) routed by {empty}. "
-             "Value ± stderr; the better one in bold, ties both bold.", ""]
-    s = cmp_["summary"]
-    if s["tasks"]:
-        lines += [f"**Mixture better or equal on {s['mixture_better'] + s['ties']} of {s['tasks']} tasks "
-                  f"({100 * s['better_or_equal_rate']:.0f}%)**: {s['mixture_better']} better, {s['ties']} ties, "
-                  f"{s['dense_better']} worse (paper: 75%).", ""]
-    if cmp_["blimp"]:
-        b = cmp_["blimp"]
-        means = ", ".join(f"{side} {b[f'{side}_mean']:.4f}" for side in SIDES if b.get(f"{side}_mean") is not None)
-        lines += [f"BLiMP ({b['paradigms']} paradigm{'s' if b['paradigms'] > 1 else ''}): mean accuracy {means}; mixture better or equal on "
-                  f"{b['mixture_better'] + b['ties']} of {b['tasks']} paradigms.", ""]
-    lines += [f"| task | metric | {head_mix} | dense | winner | n |", "|---|---|---:|---:|---|---:|"]
-    for r in cmp_["rows"]:
-        w = r["winner"]
-        mix = _fmt(r.get("mixture"), r.get("mixture_stderr"), w in ("mixture", "tie"))
-        den = _fmt(r.get("dense"), r.get("dense_stderr"), w in ("dense", "tie"))
-        lines.append(f"| {display_task(r['task'])} | {display_metric(r['metric'])} | {mix} | {den} | {w or '-'} | "
-                     f"{r['n'] if r['n'] is not None else '-'} |")
-    routing = cmp_["routing"]
-    if routing:
-        E = routing["num_experts"]
-        lines += ["", "### Routing: requests per expert", "",
-                  "| task | " + " | ".join(f"expert {e}" for e in range(E)) + " |",
-                  "|---|" + "---:|" * E]
-        for task, counts in routing["requests"].items():
-            task = display_task(task)
-            total = sum(counts.values()) or 1
-            cells = [f"{counts.get(str(e), 0)} ({100 * counts.get(str(e), 0) / total:.0f}%)" for e in range(E)]
-            lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def run_downstream(cfg: DownstreamConfig, log=lambda msg: None) -> dict:
+    """Evaluate both sides, compare, and write the report files into ``cfg.out`` (when set).
 
-
-def run_downstream(cfg: DownstreamConfig) -> dict:
-    """Evaluate both sides, compare, and write the report files into ``cfg.out`` (when set)."""
+    Each side's lm-eval output is saved to ``out/lm_eval_<side>.json`` as soon as it is done, so a run cut off
+    during the dense side keeps the mixture's; a re-run reuses a saved side whose model files and settings are
+    unchanged (``cfg.resume``, on by default)."""
     import lm_eval
 
     if not cfg.online:
@@ -356,14 +330,24 @@ def run_downstream(cfg: DownstreamConfig) -> dict:
     tasks = resolve_tasks(cfg.tasks, cfg.online)
     manager = task_manager(cfg.evals_dir, tasks, cfg.include_path)
     check_tasks(manager, tasks)
-    if not cfg.online and cfg.evals_dir is None:
-        from .task_data import resolve_evals_dir
-
-        resolve_evals_dir()  # fail now with a clear message, not inside lm-eval
-    sides = {}
+    if not cfg.online:
+        _evals_dir(cfg)  # fail now with a clear message, not inside lm-eval
+    out = Path(cfg.out) if cfg.out else None
+    sides, reused = {}, []
     for side, path in (("mixture", cfg.bundle), ("dense", cfg.dense)):
-        if path is not None:
-            sides[side] = evaluate_side(cfg, side, tasks, manager)
+        if path is None:
+            continue
+        key = side_key(cfg, side, tasks)
+        saved = saved_side(out / f"lm_eval_{side}.json", key) if out is not None and cfg.resume else None
+        if saved is not None:
+            log(f"{side}: reusing {out / f'lm_eval_{side}.json'} (same model files and settings; "
+                "--fresh to evaluate again)")
+            sides[side] = saved
+            reused.append(side)
+            continue
+        sides[side] = {**evaluate_side(cfg, side, tasks, manager), "key": key}
+        if out is not None:
+            atomic_write_json(out / f"lm_eval_{side}.json", sides[side])
     mixture_info = sides.get("mixture", {}).get("model", {}).get("smalltalk", {})
     report = {
         "config": asdict(cfg),
@@ -372,27 +356,13 @@ def run_downstream(cfg: DownstreamConfig) -> dict:
         "prefix_len": mixture_info.get("prefix_len"),
         "comparison": compare(sides),
         "seconds": {side: sides[side]["seconds"] for side in sides},
+        "reused": reused,
         "loadavg": list(os.getloadavg()),
     }
-    if cfg.out:
-        out = Path(cfg.out)
-        for side, data in sides.items():
-            atomic_write_json(out / f"lm_eval_{side}.json", data)
+    if out is not None:
         atomic_write_json(out / "downstream.json", report)
         markdown = to_markdown(report)
         atomic_write_text(out / "downstream.md", markdown)
         if cfg.run_dir is not None:
             update_report(Path(cfg.run_dir) / "report.md", markdown)
     return report
-
-
-def update_report(report: Path, markdown: str) -> None:
-    """Put `markdown` into the run report between the downstream markers (appended the first time)."""
-    section = f"{REPORT_BEGIN}\n{markdown.rstrip()}\n{REPORT_END}\n"
-    text = report.read_text(encoding="utf-8") if report.is_file() else ""
-    if REPORT_BEGIN in text and REPORT_END in text:
-        head, _, rest = text.partition(REPORT_BEGIN)
-        text = head + section + rest.partition(REPORT_END)[2].lstrip("\n")
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + section
-    atomic_write_text(report, text)
