@@ -55,7 +55,6 @@ PRIMARY_METRICS = (
 TIE_DECIMALS = 4
 
 
-
 @dataclass
 class DownstreamConfig:
     run_dir: str | None = None
@@ -338,16 +337,16 @@ def run_downstream(cfg: DownstreamConfig, log=lambda msg: None) -> dict:
         if path is None:
             continue
         key = side_key(cfg, side, tasks)
-        saved = saved_side(out / f"lm_eval_{side}.json", key) if out is not None and cfg.resume else None
+        side_file = out / f"lm_eval_{side}.json" if out is not None else None
+        saved = saved_side(side_file, key) if side_file is not None and cfg.resume else None
         if saved is not None:
-            log(f"{side}: reusing {out / f'lm_eval_{side}.json'} (same model files and settings; "
-                "--fresh to evaluate again)")
+            log(f"{side}: reusing {side_file} (same model files and settings; --fresh to evaluate again)")
             sides[side] = saved
             reused.append(side)
             continue
         sides[side] = {**evaluate_side(cfg, side, tasks, manager), "key": key}
-        if out is not None:
-            atomic_write_json(out / f"lm_eval_{side}.json", sides[side])
+        if side_file is not None:
+            atomic_write_json(side_file, sides[side])
     mixture_info = sides.get("mixture", {}).get("model", {}).get("smalltalk", {})
     report = {
         "config": asdict(cfg),
