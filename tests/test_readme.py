@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,8 +106,9 @@ def _serve_the_quickstart(run_root: Path, env: dict) -> None:
     serve = serve.split("#")[0].strip()
     assert serve.startswith("smalltalk serve runs/quickstart/bundle"), serve
     port = free_port()
+    # Its own process group, ended whole below: terminating only the shell would leave the server running.
     proc = subprocess.Popen(f"{serve} --port {port} --threads 1", shell=True, cwd=run_root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(HANG_S * 5):
@@ -122,5 +124,5 @@ def _serve_the_quickstart(run_root: Path, env: dict) -> None:
         body = json.loads(out.stdout)
         assert body["choices"][0]["text"] and body["smalltalk"]["routes"][0]["expert"] in range(4), body
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
