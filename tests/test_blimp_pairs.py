@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,19 +19,15 @@ from smalltalk.evaluation.downstream import task_manager  # noqa: E402
 from smalltalk.evaluation.lm_eval_model import SmallTalkLM  # noqa: E402
 from smalltalk.evaluation.task_data import read_jsonl_gz, resolve_evals_dir  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmark_import import import_benchmark  # noqa: E402
+
 PARADIGM = "determiner_noun_agreement_1"
 PAIRS = 120
 
 
 @pytest.fixture(scope="module")
 def blimp_pairs():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import blimp_pairs
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return blimp_pairs
+    return import_benchmark("blimp_pairs")
 
 
 def lm_eval_run(**model) -> tuple[float, np.ndarray]:

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
 from analysis_run import RUN_CONFIG, build_tiny_run
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmark_import import import_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +27,7 @@ def run_dir(tmp_path_factory, corpus_dir):
 
 @pytest.fixture(scope="module")
 def mixture_results():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import mixture_results
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return mixture_results
+    return import_benchmark("mixture_results")
 
 
 def test_report_quotes_the_runs_results_and_a_flops_table_that_adds_up(run_dir, mixture_results):
