@@ -31,26 +31,23 @@ import torch
 
 from _results import write_results
 from smalltalk.evaluation.backend import EvalModels
+from smalltalk.evaluation.scoring import make_windows, score_windows
 from smalltalk.evaluation.task_data import read_jsonl_gz, resolve_evals_dir
 from smalltalk.mixture.bundle import read_bundle
-from smalltalk.mixture.inference import token_logprobs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def sentence_logprobs(model, eos_id: int, sentences: list[list[int]]) -> np.ndarray:
-    """log p(sentence | EOS) summed over its tokens: N sentences -> (N,) float64."""
-    rows = [[eos_id] + ids for ids in sentences]
-    order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a batch: less padding
-    out = np.zeros(len(rows))
-    for start in range(0, len(rows), 256):
-        idx = order[start:start + 256]
-        width = max(len(rows[i]) for i in idx)
-        tokens = np.zeros((len(idx), width), dtype=np.int64)  # (B, T) right padded
-        for n, i in enumerate(idx):
-            tokens[n, :len(rows[i])] = rows[i]
-        logp = token_logprobs(model, tokens, lengths=[len(rows[i]) for i in idx], batch_size=256)  # (B, T-1)
-        out[idx] = logp.sum(axis=1, dtype=np.float64)
+def sentence_logprobs(model, eos_id: int, sentences: list[list[int]], max_len: int) -> np.ndarray:
+    """log p(sentence | EOS) in nats: N sentences -> (N,) float64, with the evaluation's own windows and
+    batched scorer (what the lm-eval model runs)."""
+    windows, owner = [], []
+    for n, ids in enumerate(sentences):
+        for w in make_windows([eos_id], ids, max_len):
+            windows.append(w)
+            owner.append(n)
+    out = np.zeros(len(sentences))
+    np.add.at(out, owner, [logp for logp, _ in score_windows(model, windows, batch_size=256)])
     return out
 
 
@@ -77,10 +74,12 @@ def paradigm_row(mix: EvalModels, dense: EvalModels, pairs: list[dict]) -> dict:
     eb = np.array([r.expert for r in routes_b])
     joint = np.array([r.scores for r in routes_g]) + np.array([r.scores for r in routes_b])  # (N, E)
     ej = joint.argmax(axis=1)
-    lp_g = np.stack([sentence_logprobs(mix.expert(e), mix.eos_id, good_ids) for e in range(mix.num_experts)], 1)
-    lp_b = np.stack([sentence_logprobs(mix.expert(e), mix.eos_id, bad_ids) for e in range(mix.num_experts)], 1)
-    dg = sentence_logprobs(dense.expert(0), dense.eos_id, dense_good)
-    db = sentence_logprobs(dense.expert(0), dense.eos_id, dense_bad)
+    def under(models: EvalModels, e: int, ids: list[list[int]]) -> np.ndarray:
+        return sentence_logprobs(models.expert(e), models.eos_id, ids, models.max_length)
+
+    lp_g = np.stack([under(mix, e, good_ids) for e in range(mix.num_experts)], 1)  # (N, E)
+    lp_b = np.stack([under(mix, e, bad_ids) for e in range(mix.num_experts)], 1)  # (N, E)
+    dg, db = under(dense, 0, dense_good), under(dense, 0, dense_bad)
     n = np.arange(len(pairs))
     own_g, own_b = lp_g[n, eg], lp_b[n, eb]
     split = eg != eb
@@ -98,20 +97,24 @@ def paradigm_row(mix: EvalModels, dense: EvalModels, pairs: list[dict]) -> dict:
     }
 
 
+def weighted_accuracy(rows: list[dict], key: str, count) -> float:
+    """Mean of the rows' `key` accuracy, each weighted by its count(row) pairs (nan when there are none)."""
+    total = sum(count(r) for r in rows)
+    return sum(r[key][0] * count(r) for r in rows if count(r)) / total if total else float("nan")
+
+
 def summary(rows: dict[str, dict]) -> dict:
     """Pair-weighted accuracies over all paradigms."""
-    total = sum(r["pairs"] for r in rows.values())
-    n_split = sum(r["split_pairs"] for r in rows.values())
+    rs = list(rows.values())
+    total = sum(r["pairs"] for r in rs)
+    n_split = sum(r["split_pairs"] for r in rs)
     out = {"pairs": total, "split_pairs": n_split, "split_share": n_split / total}
     for key in ("mixture", "mixture_pair_routed", "dense"):
-        out[key] = sum(r[key][0] * r["pairs"] for r in rows.values()) / total
-    for key, weight in (("mixture_split", "split"), ("dense_split", "split"),
-                        ("mixture_unsplit", "unsplit"), ("dense_unsplit", "unsplit")):
-        w = {r_name: (r["split_pairs"] if weight == "split" else r["pairs"] - r["split_pairs"])
-             for r_name, r in rows.items()}
-        denom = sum(w.values())
-        out[key] = sum(rows[k][key][0] * w[k] for k in rows if w[k]) / denom if denom else float("nan")
-    out["paradigms_pair_routed_better"] = sum(r["mixture_pair_routed"][0] > r["mixture"][0] for r in rows.values())
+        out[key] = weighted_accuracy(rs, key, lambda r: r["pairs"])
+    for side in ("mixture", "dense"):
+        out[f"{side}_split"] = weighted_accuracy(rs, f"{side}_split", lambda r: r["split_pairs"])
+        out[f"{side}_unsplit"] = weighted_accuracy(rs, f"{side}_unsplit", lambda r: r["pairs"] - r["split_pairs"])
+    out["paradigms_pair_routed_better"] = sum(r["mixture_pair_routed"][0] > r["mixture"][0] for r in rs)
     return out
 
 

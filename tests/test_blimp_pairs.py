@@ -40,21 +40,26 @@ def lm_eval_run(**model) -> tuple[float, np.ndarray]:
     return out["results"][task]["acc,none"], loglik
 
 
-def test_sentences_scored_as_lm_eval_scores_them(blimp_pairs, tiny_mixture):
+@pytest.fixture(scope="module")
+def lm_eval_mixture(tiny_mixture) -> tuple[float, np.ndarray]:
+    return lm_eval_run(bundle=str(tiny_mixture["bundle"]))
+
+
+def test_sentences_scored_as_lm_eval_scores_them(blimp_pairs, tiny_mixture, lm_eval_mixture):
     """Same tokens, same routing, same expert: the same log-likelihood for every sentence."""
     pairs = read_jsonl_gz(resolve_evals_dir() / "blimp" / f"{PARADIGM}.jsonl.gz", ())[:PAIRS]
     mix = EvalModels.open(bundle=tiny_mixture["bundle"], device="cpu", max_loaded_experts=2)
     ours = []
     for ids in blimp_pairs.pair_tokens(mix.mixture.encode, pairs):  # good, then bad
         experts = np.array(mix.route(ids))
-        logp = np.stack([blimp_pairs.sentence_logprobs(mix.expert(e), mix.eos_id, ids)
+        logp = np.stack([blimp_pairs.sentence_logprobs(mix.expert(e), mix.eos_id, ids, mix.max_length)
                          for e in range(mix.num_experts)], 1)  # (PAIRS, E)
         ours.append(logp[np.arange(PAIRS), experts])
-    _, theirs = lm_eval_run(bundle=str(tiny_mixture["bundle"]))
+    _, theirs = lm_eval_mixture
     np.testing.assert_allclose(np.stack(ours, 1), theirs, rtol=1e-4, atol=1e-3)
 
 
-def test_blimp_pairs_matches_lm_eval(blimp_pairs, tiny_mixture, tmp_path):
+def test_blimp_pairs_matches_lm_eval(blimp_pairs, tiny_mixture, lm_eval_mixture, tmp_path):
     assert blimp_pairs.main(["--bundle", str(tiny_mixture["bundle"]), "--dense", str(tiny_mixture["dense"]),
                              "--paradigms", PARADIGM, "--limit", str(PAIRS), "--threads", "1",
                              "--results", str(tmp_path), "--name", "bp"]) == 0
@@ -63,7 +68,7 @@ def test_blimp_pairs_matches_lm_eval(blimp_pairs, tiny_mixture, tmp_path):
     assert row["pairs"] == PAIRS
     # Same requests, same routing, same experts: the accuracies are lm-eval's (one pair of slack for a
     # near-tie that batching rounds the other way).
-    assert row["mixture"][0] == pytest.approx(lm_eval_run(bundle=str(tiny_mixture["bundle"]))[0], abs=1 / PAIRS)
+    assert row["mixture"][0] == pytest.approx(lm_eval_mixture[0], abs=1 / PAIRS)
     assert row["dense"][0] == pytest.approx(lm_eval_run(model=str(tiny_mixture["dense"]))[0], abs=1 / PAIRS)
 
     split = row["split_pairs"]
