@@ -125,6 +125,34 @@ def test_every_run_preset_resolves_and_dense_matches_expert_tokens():
     assert {cfg.expert_train_config(k).seed for k in range(4) for cfg in [run_preset("tiny")]} == {1, 2, 3, 4}
 
 
+def test_dense_section_tunes_the_baseline_at_equal_tokens():
+    base = run_preset("cpu")
+    assert "dense" not in base.to_dict()  # the paper's protocol is the absence of a `dense` section
+    t = base.expert_train
+    cfg = RunConfig.from_dict({"preset": "cpu", "dense": {"batch_size": 16, "lr": 0.005}})
+    dense = cfg.dense_train()
+    assert dense.batch_size * dense.max_steps == 4 * t.batch_size * t.max_steps  # equal tokens, equal FLOPs
+    assert (dense.batch_size, dense.max_steps, dense.lr) == (16, 16 * t.max_steps, 0.005)
+    # warm-up, validation and checkpoints keep their fraction of training
+    assert (dense.warmup_steps, dense.eval_every) == (16 * t.warmup_steps, 16 * t.eval_every)
+    assert cfg.expert_train == base.expert_train  # the experts are untouched
+    assert RunConfig.from_dict(cfg.to_dict()).dense_train() == dense
+    steps_only = RunConfig.from_dict({"preset": "cpu", "dense": {"max_steps": 2000}}).dense_train()
+    assert (steps_only.batch_size, steps_only.lr) == (64, t.lr)
+
+
+@pytest.mark.parametrize("dense, match", [
+    ({"batch_size": 48}, "must see as many tokens"),
+    ({"batch_size": 16, "max_steps": 100}, "16 x 100"),
+    ({"lr": 0}, "dense.lr=0 must be positive"),
+    ({"lr": "fast"}, "lr='fast' must be"),
+    ({"steps": 10}, "unknown keys \\['steps'\\]"),
+])
+def test_dense_section_refuses_unequal_flops_and_bad_values(dense, match):
+    with pytest.raises(SmallTalkError, match=match):
+        RunConfig.from_dict({"preset": "cpu", "dense": dense})
+
+
 def test_yaml_config_overrides_a_preset(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: tiny\nname: mine\nnum_experts: 2\nseed: 7\nexpert_train: {max_steps: 33}\n"

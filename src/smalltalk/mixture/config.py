@@ -15,9 +15,13 @@ stage plus overrides". A YAML file looks like::
     expert_train: {preset: tiny, max_steps: 300}               # smalltalk.train.config.TrainConfig
     eval:         {max_seqs: 400, prefix_lens: [8, 16]}        # smalltalk.mixture.evaluate.EvalConfig
 
-The dense baseline is derived, never configured apart (paper Table 2): the expert architecture,
-the same number of steps, E x the expert batch, so it sees as many tokens as all experts together
-and costs the same training FLOPs. The saved form (`to_dict`, ``<run>/run_config.json``) is fully
+The dense baseline has the expert architecture and sees as many tokens as all experts together, so it
+costs the same training FLOPs. By default it follows the paper's protocol (Table 2): the experts' steps
+at E x their batch, with their learning rate. A `dense:` section (`DenseSettings`) tunes it at equal
+FLOPs instead: another (batch, steps) pair with the same tokens, its own learning rate::
+
+    dense: {batch_size: 16, max_steps: 8000, lr: 0.005}   # 16 x 8000 = 4 experts x 64 x 500 sequences
+ The saved form (`to_dict`, ``<run>/run_config.json``) is fully
 resolved, so a run directory records exactly what it ran.
 
 `seed` fixes everything: router EM (assignments, router init), expert k's init and data order
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config_dict import check_known_keys
+from ..config_dict import DictConfig, check_field_types, check_known_keys
 from ..data.prepare_config import PrepareConfig
 from ..errors import SmallTalkError
 from ..model.config import PRESETS as MODEL_PRESETS
@@ -39,6 +43,59 @@ from ..model.config import ModelConfig
 from ..routing.config import ROUTER_EM_PRESETS, RouterEMConfig
 from ..train.config import TRAIN_PRESETS, TrainConfig
 from .evaluate import EvalConfig
+
+
+@dataclass
+class DenseSettings(DictConfig):
+    """How the dense baseline trains; every unset field follows the paper's protocol (the experts' steps at
+    E x their batch, their learning rate). Tokens stay equal to the experts' (hence FLOPs: same
+    architecture), so setting one of batch_size / max_steps derives the other."""
+
+    config_kind = "run config: dense"
+
+    batch_size: int | None = None
+    """Sequences per optimizer step (default: E x the experts' batch)."""
+    max_steps: int | None = None
+    """Optimizer steps (default: the experts' steps)."""
+    lr: float | None = None
+    """Peak learning rate (default: the experts')."""
+    warmup_steps: int | None = None
+    """Warm-up steps (default: the experts' warm-up, scaled by max_steps / the experts' steps)."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self, self.config_kind)
+        for key in ("batch_size", "max_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise SmallTalkError(f"run config: dense.{key}={value!r} must be a positive integer")
+        if self.lr is not None and not self.lr > 0:
+            raise SmallTalkError(f"run config: dense.lr={self.lr!r} must be positive")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise SmallTalkError(f"run config: dense.warmup_steps={self.warmup_steps!r} must be >= 0")
+
+    def is_default(self) -> bool:
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
+    def resolve(self, expert: TrainConfig, num_experts: int) -> TrainConfig:
+        """The dense TrainConfig: as many training sequences as `num_experts` experts of `expert`."""
+        total = num_experts * expert.batch_size * expert.max_steps
+        batch, steps = self.batch_size, self.max_steps
+        if batch is None and steps is None:
+            batch, steps = num_experts * expert.batch_size, expert.max_steps
+        elif steps is None:
+            steps = total // batch
+        elif batch is None:
+            batch = total // steps
+        if batch * steps != total:
+            raise SmallTalkError(
+                f"run config: dense batch_size x max_steps = {batch} x {steps} = {batch * steps} sequences, but the "
+                f"{num_experts} experts train on {num_experts} x {expert.batch_size} x {expert.max_steps} = {total}; "
+                f"the dense baseline must see as many tokens (equal FLOPs): choose a batch_size that divides {total}")
+        scale = steps / expert.max_steps
+        warmup = self.warmup_steps if self.warmup_steps is not None else round(expert.warmup_steps * scale)
+        return expert.replace(batch_size=batch, max_steps=steps, lr=self.lr if self.lr is not None else expert.lr,
+                              warmup_steps=warmup, eval_every=round(expert.eval_every * scale),
+                              checkpoint_every=max(1, round(expert.checkpoint_every * scale)) if expert.checkpoint_every else 0)
 
 
 def _section(kind: str, value: Any, presets: dict, cls) -> Any:
@@ -101,6 +158,8 @@ class RunConfig:
     """Use only these domain files of the corpus (``<split>/<domain>.jsonl.gz``); empty: the whole corpus."""
     valid_seqs: int = 2048
     """Valid sequences routed to give each expert a validation segment (evenly spaced; 0: the whole split)."""
+    dense: DenseSettings | dict = field(default_factory=DenseSettings)
+    """How the dense baseline trains at equal FLOPs (`DenseSettings`; default: the paper's protocol)."""
     dense_grad_accum: int = 1
     """Micro-steps of the dense baseline's E x batch (memory only; the optimization is the same)."""
     device: str = "auto"
@@ -131,6 +190,11 @@ class RunConfig:
         elif not isinstance(self.eval, EvalConfig):
             raise SmallTalkError(f"run config: eval must be a mapping, got {self.eval!r}")
         self.eval.device = self.device
+        if isinstance(self.dense, dict):
+            self.dense = DenseSettings.from_dict(self.dense)
+        elif not isinstance(self.dense, DenseSettings):
+            raise SmallTalkError(f"run config: dense must be a mapping (batch_size, max_steps, lr, warmup_steps), "
+                                 f"got {self.dense!r}")
         if self.expert_train.loss_prefix_len is not None:
             raise SmallTalkError("run config: expert_train.loss_prefix_len must be unset: experts train on whole "
                                  "sequences (Eq. 1)")
@@ -150,15 +214,18 @@ class RunConfig:
         return self.expert_train.replace(seed=self.seed + 1 + expert, name=f"{self.name}-expert-{expert}")
 
     def dense_train(self) -> TrainConfig:
-        """Paper Table 2: same steps, E x the batch, so the dense model sees as many tokens as all experts."""
-        return self.expert_train.replace(batch_size=self.num_experts * self.expert_train.batch_size,
-                                         grad_accum=self.dense_grad_accum, seed=self.seed, name=f"{self.name}-dense")
+        """As many tokens as all experts (equal FLOPs): paper Table 2 (same steps, E x the batch) unless `dense`
+        says otherwise."""
+        return self.dense.resolve(self.expert_train, self.num_experts).replace(
+            grad_accum=self.dense_grad_accum, seed=self.seed, name=f"{self.name}-dense")
 
     # -- (de)serialisation ------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
         data = self.data.to_dict() if hasattr(self.data, "to_dict") else dataclasses.asdict(self.data)
-        return {"name": self.name, "seed": self.seed, "num_experts": self.num_experts, "prefix_len": self.prefix_len,
+        # The paper's protocol is written as no `dense` key, so run directories started before it existed resume.
+        dense = {} if self.dense.is_default() else {"dense": self.dense.to_dict()}
+        return {**dense, "name": self.name, "seed": self.seed, "num_experts": self.num_experts, "prefix_len": self.prefix_len,
                 "device": self.device, "domains": list(self.domains), "valid_seqs": self.valid_seqs, "dense_grad_accum": self.dense_grad_accum, "data": data,
                 "routers": self.routers.to_dict(), "expert_model": self.expert_model.to_dict(),
                 "expert_train": self.expert_train.to_dict(), "eval": dataclasses.asdict(self.eval)}
@@ -188,8 +255,8 @@ class RunConfig:
 
     def describe(self) -> str:
         return (f"{self.name}: E={self.num_experts}, M={self.prefix_len}; routers {self.routers.describe()}; "
-                f"experts {self.expert_model.name} {self.expert_train.describe()}; dense batch "
-                f"{self.dense_train().batch_size}")
+                f"experts {self.expert_model.name} {self.expert_train.describe()}; dense "
+                f"{self.dense_train().max_steps} steps x batch {self.dense_train().batch_size}, lr {self.dense_train().lr:g}")
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
