@@ -30,9 +30,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def long_m_run(base: Path, long_m: int, out: Path) -> Path:
     """The base run with routers trained on `long_m` tokens, sharing the base's data and dense baseline."""
-    from smalltalk.mixture.config import RunConfig
-    from smalltalk.mixture.layout import read_run_config
-    from smalltalk.mixture.pipeline import run_pipeline
+    from smalltalk.run.config import RunConfig
+    from smalltalk.run.layout import read_run_config
+    from smalltalk.run.pipeline import run_pipeline
 
     cfg = read_run_config(base)
     variant = RunConfig.from_dict({**cfg.to_dict(), "prefix_len": long_m, "name": f"{cfg.name}-m{long_m}"})
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from smalltalk.analysis.prefix_length import PrefixLengthConfig, analyze_prefix_length
-    from smalltalk.mixture.layout import read_run_config
+    from smalltalk.run.layout import read_run_config
 
     base_cfg = read_run_config(args.base)
     out = args.out or args.base.parent / f"{args.base.name}-m{args.long_m}"

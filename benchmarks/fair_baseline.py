@@ -40,11 +40,11 @@ import torch
 from _results import write_results
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import atomic_write_json, read_json
-from smalltalk.mixture.config import DenseSettings, RunConfig
-from smalltalk.mixture.dense import train_dense
-from smalltalk.mixture.experts import train_expert, valid_routes
-from smalltalk.mixture.layout import RunLayout, read_run_config
-from smalltalk.mixture.pipeline import check_run_config, run_pipeline
+from smalltalk.run.config import DenseSettings, RunConfig
+from smalltalk.run.dense import train_dense
+from smalltalk.run.experts import train_expert, valid_routes
+from smalltalk.run.layout import RunLayout, read_run_config
+from smalltalk.run.pipeline import check_run_config, run_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = ("data", "routers", "shards")
@@ -65,15 +65,17 @@ class Point:
 def grid(base: RunConfig, dense_batches: list[int], expert_batches: list[int], lrs: list[float]) -> list[Point]:
     t, E = base.expert_train, base.num_experts
     total = E * t.batch_size * t.max_steps
-    points = []
     for batch in expert_batches:
         if (t.batch_size * t.max_steps) % batch:
             raise SmallTalkError(f"--expert-batches {batch}: does not divide {t.batch_size} x {t.max_steps} sequences")
-        points += [Point("mixture", batch, t.batch_size * t.max_steps // batch, lr) for lr in lrs]
     for batch in dense_batches:
         if total % batch:
             raise SmallTalkError(f"--dense-batches {batch}: does not divide {total} training sequences")
-        points += [Point("dense", batch, total // batch, lr) for lr in lrs]
+    # The first learning rate at every batch first, so an interrupted sweep has compared the batches.
+    points = []
+    for lr in lrs:
+        points += [Point("mixture", batch, t.batch_size * t.max_steps // batch, lr) for batch in expert_batches]
+        points += [Point("dense", batch, total // batch, lr) for batch in dense_batches]
     return points
 
 
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="", help="results file suffix: fair_baseline_NAME.{json,md}")
     ap.add_argument("--dense-batches", default="", help="comma-separated; default: E x b, 2 x b, b (b: experts' batch)")
     ap.add_argument("--expert-batches", default="", help="comma-separated; default: b, b/2, b/4")
-    ap.add_argument("--lrs", default="0.005,0.01,0.02", help="peak learning rates of both sides")
+    ap.add_argument("--lrs", default="0.01,0.005,0.02", help="peak learning rates of both sides (in run order)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-test", action="store_true", help="stop after the validation sweep")
     args = ap.parse_args(argv)

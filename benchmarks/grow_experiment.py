@@ -30,9 +30,9 @@ import torch
 
 from _results import write_results
 from smalltalk.io import read_json
-from smalltalk.mixture.config import RunConfig, run_preset
+from smalltalk.run.config import RunConfig, run_preset
 from smalltalk.mixture.grow import GrowConfig, grow_bundle
-from smalltalk.mixture.pipeline import run_pipeline
+from smalltalk.run.pipeline import run_pipeline
 from smalltalk.mixture.text_eval import evaluate_text
 from smalltalk.paths import default_corpus_dir
 

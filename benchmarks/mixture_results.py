@@ -34,9 +34,9 @@ import torch
 from _results import write_results
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import read_json
-from smalltalk.mixture.config import run_preset
-from smalltalk.mixture.layout import RunLayout
-from smalltalk.mixture.pipeline import run_pipeline
+from smalltalk.run.config import run_preset
+from smalltalk.run.layout import RunLayout
+from smalltalk.run.pipeline import run_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "mixture_results"

@@ -56,7 +56,7 @@ def log(msg: str) -> None:
 
 
 def run_config(scale: dict, name: str, **changes):
-    from smalltalk.mixture.config import run_preset
+    from smalltalk.run.config import run_preset
 
     cfg = run_preset(scale["preset"], name=name, prefix_len=changes.pop("prefix_len", scale["prefix_len"]))
     if "router_preset" in changes:
@@ -67,10 +67,10 @@ def run_config(scale: dict, name: str, **changes):
 
 
 def run(cfg, root: Path, share_from: Path | None = None) -> float:
-    from smalltalk.mixture.pipeline import run_pipeline
+    from smalltalk.run.pipeline import run_pipeline
 
     from smalltalk.io import read_json
-    from smalltalk.mixture.config import RunConfig
+    from smalltalk.run.config import RunConfig
 
     if (root / "run_config.json").is_file():
         # Resume the run as it was started, even if the presets have changed since.

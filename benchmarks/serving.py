@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _results import write_results  # noqa: E402
 from smalltalk.errors import SmallTalkError  # noqa: E402
 from smalltalk.io import read_json  # noqa: E402
-from smalltalk.mixture.layout import RunLayout  # noqa: E402
+from smalltalk.run.layout import RunLayout  # noqa: E402
 from smalltalk.paths import default_corpus_dir  # noqa: E402
 from smalltalk.serving.process import ServerProcess  # noqa: E402
 

@@ -40,7 +40,7 @@ def dense_point(run: Path, width: int, out: Path, steps: int, max_seqs: int) -> 
     """A dense model of the run's expert architecture at hidden size `width`, trained with the run's dense settings
     (or `steps` steps), evaluated on the run's test sequences."""
     from smalltalk.data.splits import load_split
-    from smalltalk.mixture.layout import RunLayout, read_run_config
+    from smalltalk.run.layout import RunLayout, read_run_config
     from smalltalk.train.evaluate import evaluate_model_dir
     from smalltalk.train.trainer import Trainer, model_config_for_data
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from smalltalk.mixture.layout import read_run_config
+    from smalltalk.run.layout import read_run_config
 
     run_cfg = read_run_config(args.run)
     max_seqs = args.max_seqs or run_cfg.eval.max_seqs

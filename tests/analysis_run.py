@@ -1,7 +1,7 @@
 """Helpers of the analysis tests: real corpus text, and a finished tiny SmallTalk run built once per test
 session (on disk, under a file lock, so both analysis test modules and pytest-xdist workers share it).
 
-It is the real pipeline (`smalltalk.mixture.pipeline.run_pipeline`) with the `tiny` run preset on a quarter
+It is the real pipeline (`smalltalk.run.pipeline.run_pipeline`) with the `tiny` run preset on a quarter
 of the `tiny` data (the first 48 KB of each corpus file: ~1.4k train sequences of 128 tokens, 10 domains) and a
 few optimizer steps: 4 EM routers trained on M = 32 prefixes, the whole train split sharded, 4 experts, the
 dense baseline, the bundle and the evaluation on 64 test sequences. ~30 s on 2 idle cores.
@@ -31,8 +31,8 @@ RUN_CONFIG = {
 def build_tiny_run(tmp_path_factory, corpus_dir: Path) -> Path:
     from filelock import FileLock
 
-    from smalltalk.mixture.config import RunConfig
-    from smalltalk.mixture.pipeline import run_pipeline
+    from smalltalk.run.config import RunConfig
+    from smalltalk.run.pipeline import run_pipeline
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from analysis_run import EVAL_SEQS, build_tiny_run
-from smalltalk.mixture.layout import RunLayout
+from smalltalk.run.layout import RunLayout
 from smalltalk.analysis.prefix_length import PrefixLengthConfig, analyze_prefix_length, default_prefix_lens
 from smalltalk.analysis.router_size import RouterSizeConfig, analyze_router_size
 from smalltalk.analysis.specialisation import SpecialisationConfig, analyze_specialisation
@@ -113,8 +113,8 @@ def test_report_includes_analyses(run_dir, tmp_path, capsys):
     report with its section (on a copy: the shared run stays as the other tests expect it)."""
     import shutil
 
-    from smalltalk.mixture.config import RunConfig
-    from smalltalk.mixture.pipeline import run_pipeline
+    from smalltalk.run.config import RunConfig
+    from smalltalk.run.pipeline import run_pipeline
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("analysis"))

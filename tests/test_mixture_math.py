@@ -9,8 +9,8 @@ import pytest
 
 from smalltalk.errors import SmallTalkError
 from smalltalk.mixture.bundle import fallback_expert
-from smalltalk.mixture.config import RUN_PRESETS, RunConfig, load_run_config, run_preset
-from smalltalk.mixture.costs import costs_markdown, run_costs
+from smalltalk.run.config import RUN_PRESETS, RunConfig, load_run_config, run_preset
+from smalltalk.run.costs import costs_markdown, run_costs
 from smalltalk.mixture.evaluate import EvalConfig, soft_topk_nll, summarize
 from smalltalk.mixture.scores import SequenceScores
 from smalltalk.model.config import preset
@@ -188,7 +188,7 @@ def test_unknown_config_spec():
 
 def test_run_presets_are_yaml_recipes_a_user_can_copy(tmp_path, capsys):
     from smalltalk.cli import main
-    from smalltalk.mixture.config import RECIPES
+    from smalltalk.run.config import RECIPES
 
     assert sorted(RUN_PRESETS) == sorted(p.stem for p in RECIPES.glob("*.yaml")) and "tiny" in RUN_PRESETS
     assert main(["run", "--list-presets"]) == 0

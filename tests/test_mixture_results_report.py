@@ -15,8 +15,8 @@ from benchmark_import import import_benchmark
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, corpus_dir):
     """A copy of the shared tiny run (evaluated), taken on through the pipeline's report stage."""
-    from smalltalk.mixture.config import RunConfig
-    from smalltalk.mixture.pipeline import run_pipeline
+    from smalltalk.run.config import RunConfig
+    from smalltalk.run.pipeline import run_pipeline
 
     run = tmp_path_factory.mktemp("mixture_results") / "run"
     shutil.copytree(build_tiny_run(tmp_path_factory, corpus_dir), run)

@@ -13,10 +13,10 @@ import pytest
 from smalltalk.data.shards import TokenDataset, write_shard
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import atomic_write_json, read_json
-from smalltalk.mixture.config import RunConfig
-from smalltalk.mixture.experts import train_expert
-from smalltalk.mixture.layout import RunLayout
-from smalltalk.mixture.pipeline import STAGES, run_pipeline
+from smalltalk.run.config import RunConfig
+from smalltalk.run.experts import train_expert
+from smalltalk.run.layout import RunLayout
+from smalltalk.run.pipeline import STAGES, run_pipeline
 
 FAST = {
     "preset": "tiny", "name": "test", "num_experts": 2, "prefix_len": 16, "valid_seqs": 96, "device": "cpu",
@@ -126,7 +126,7 @@ def test_num_experts_not_matching_the_shards_is_refused(sharded_run, tmp_path):
 
 
 def test_domains_restrict_the_corpus_keeping_its_splits(corpus_dir, tmp_path):
-    from smalltalk.mixture.pipeline import corpus_view
+    from smalltalk.run.pipeline import corpus_view
 
     cfg = fast_config(domains=["code_python", "novels_fr"], data={"preset": "tiny", "corpus": [str(corpus_dir)]})
     (view,) = corpus_view(RunLayout(tmp_path / "run"), cfg)

@@ -11,9 +11,9 @@ import torch
 
 from smalltalk.cli import main
 from smalltalk.io import read_json
-from smalltalk.mixture.experts import expert_done, train_expert
-from smalltalk.mixture.layout import RunLayout
-from smalltalk.mixture.pipeline import run_expert_processes, run_pipeline
+from smalltalk.run.experts import expert_done, train_expert
+from smalltalk.run.layout import RunLayout
+from smalltalk.run.pipeline import run_expert_processes, run_pipeline
 from smalltalk.model.io import load_model_dir
 from test_pipeline import copy_run, fast_config, sharded_run, small_data  # noqa: F401  (module fixture reused)
 

@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from smalltalk.mixture.layout import RunLayout
+from smalltalk.run.layout import RunLayout
 from test_pipeline import copy_run, fast_config, sharded_run  # noqa: F401  (module fixture reused)
 
 

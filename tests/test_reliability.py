@@ -20,9 +20,9 @@ from smalltalk.data.shards import HEADER_BYTES, TokenDataset
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import atomic_write_json, read_json
 from smalltalk.locks import DirLock
-from smalltalk.mixture.experts import train_expert
-from smalltalk.mixture.layout import RunLayout
-from smalltalk.mixture.pipeline import run_pipeline
+from smalltalk.run.experts import train_expert
+from smalltalk.run.layout import RunLayout
+from smalltalk.run.pipeline import run_pipeline
 from smalltalk.model.config import preset
 from smalltalk.model.io import load_model_dir, save_model_dir
 from smalltalk.model.transformer import Transformer
@@ -197,7 +197,7 @@ def test_out_of_vocabulary_ids_in_an_unchecked_shard_are_found(tiny_data, tmp_pa
 # -- stage time of interrupted runs -----------------------------------------------------------------------------
 
 def test_stage_clock_keeps_the_time_of_an_interrupted_attempt(tmp_path):
-    from smalltalk.mixture.pipeline import StageClock
+    from smalltalk.run.pipeline import StageClock
 
     path = tmp_path / "stages.json"
     timings = {"experts": 100.0}  # a killed attempt recorded 100 s

@@ -9,7 +9,7 @@ same trainer, same evaluation. So a baseline is a *derived run directory*::
       data -> <run>/data     a symlink: the very same token shards
       shards/                the baseline's partition, in the format of routing/sharding.py
       experts/valid_routes.npy   the valid split routed by the baseline's own rule
-      experts/expert_{k}/    trained by `smalltalk.mixture.experts.train_expert`, like the run's experts
+      experts/expert_{k}/    trained by `smalltalk.run.experts.train_expert`, like the run's experts
 
 `write_partition_shards` writes the expert shards of any (num_train_seqs,) assignment exactly as
 the sharding stage does (per-expert prepared-data manifests, domain counts, the per-chunk
@@ -29,7 +29,7 @@ import numpy as np
 from ..data.shards import ShardWriter, token_dtype
 from ..errors import SmallTalkError
 from ..io import atomic_open, atomic_write_json, read_json
-from ..mixture.layout import RunLayout
+from ..run.layout import RunLayout
 from ..data.manifest import read_data_manifest, subset_split, write_subset_manifest
 from ..routing.sharding import write_shards_manifest
 from .output import analysis_dir
@@ -121,7 +121,7 @@ def prepare_derived_run(parent: RunView, name: str, train_assignment: np.ndarray
 
 def train_derived_experts(root: Path, log: Callable[[str], None] = print, progress: bool | None = False) -> RunView:
     """Train (or resume) every expert of a derived run with the run's own expert trainer."""
-    from ..mixture.experts import train_expert
+    from ..run.experts import train_expert
 
     view = open_run(root, need_experts=False)
     for k in range(view.num_experts):

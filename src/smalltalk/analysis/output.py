@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..io import atomic_open, atomic_write_json, atomic_write_text
-from ..mixture.layout import ANALYSIS_DIR
+from ..run.layout import ANALYSIS_DIR
 
 
 

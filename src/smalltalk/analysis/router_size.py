@@ -41,7 +41,7 @@ class RouterSizeConfig(ScoreSettings):
 def router_params(view: RunView) -> tuple[str, int]:
     """(router preset name, parameters of one router) from the run's routers manifest."""
     routers = read_routers_manifest(view.routers_dir)
-    return str(routers.em.get("router_preset", routers.router_model.name)), routers.router_model.num_params()
+    return str(routers.em.router_preset), routers.router_model.num_params()
 
 
 def _check_same_experiment(views: Sequence[RunView]) -> None:

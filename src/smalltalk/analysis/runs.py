@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import SmallTalkError
 from ..data.manifest import is_prepared, read_data_manifest
-from ..mixture.layout import RunLayout
+from ..run.layout import RunLayout
 from ..routing.routers_dir import has_routers
 from ..mixture.scores import SequenceScores
 from .output import ANALYSIS_DIR
@@ -33,7 +33,7 @@ class RunView:
     root: Path
     layout: RunLayout
     config: object
-    """The run's resolved `smalltalk.mixture.config.RunConfig`."""
+    """The run's resolved `smalltalk.run.config.RunConfig`."""
     expert_dirs: list[Path]
     dense_dir: Path | None
     routers_dir: Path | None
@@ -82,7 +82,7 @@ def _model_dir(layout: RunLayout, k: int) -> Path:
 
 def open_run(run_dir: str | Path, *, need_experts: bool = True) -> RunView:
     """A run directory written by `smalltalk run` (at least through the experts and dense stages)."""
-    from ..mixture.layout import read_run_config
+    from ..run.layout import read_run_config
 
     root = Path(run_dir)
     if not root.is_dir():

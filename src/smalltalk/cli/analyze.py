@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         from ..analysis.specialisation import SpecialisationConfig, analyze_specialisation
 
         analyze_specialisation(args.run, SpecialisationConfig(**common), log=log)
-    from ..mixture.report import refresh_report
+    from ..run.report import refresh_report
 
     out = analysis_dir(args.run, args.analysis)
     print((out / "table.md").read_text(encoding="utf-8").rstrip())

@@ -41,21 +41,24 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_json
+    from ..run.layout import RunLayout
     from ..mixture.evaluate import EvalConfig, evaluate_mixture
 
     if args.target is not None:
-        from ..mixture.bundle import is_bundle
+        from ..run.locate import locate
 
-        if is_bundle(args.target):
-            args.bundle = args.bundle or args.target
+        located = locate(args.target, want=("bundle",), what="eval-mixture")
+        if located.kind == "bundle":
+            args.bundle = args.bundle or located.bundle
         elif args.run is None:
-            args.run = args.target
+            args.run = located.run
     if args.text:
         return run_on_text(args)
     if args.run is not None:  # --bundle / --dense / --data replace the run's own
-        bundle = args.bundle or args.run / "bundle"
-        dense = args.dense or args.run / "dense" / "model"
-        data = args.data or args.run / "data"
+        layout = RunLayout(args.run)
+        bundle = args.bundle or layout.bundle
+        dense = args.dense or layout.dense_model
+        data = args.data or layout.data
     elif args.bundle and args.dense and args.data:
         bundle, dense, data = args.bundle, args.dense, args.data
     else:
@@ -106,10 +109,13 @@ def check_output_file(path: Path) -> None:
 def run_on_text(args: argparse.Namespace) -> int:
     if args.data is not None:
         raise SmallTalkError("--text and --data both name what to score; give one of them")
-    bundle = args.bundle or (args.run / "bundle" if args.run else None)
+    from ..run.locate import locate
+
+    located = locate(args.run, want=("bundle",), what="--run") if args.run else None
+    bundle = args.bundle or (located.bundle if located else None)
     if bundle is None:
         raise SmallTalkError("--text needs a mixture: give a run directory or bundle (positional, --run or --bundle)")
-    dense = args.dense or (args.run / "dense" / "model" if args.run and (args.run / "dense" / "model").is_dir() else None)
+    dense = args.dense or (located.dense if located else None)
     if args.out is not None:
         check_output_file(args.out)
     return score_text(args, bundle, dense, args.out)

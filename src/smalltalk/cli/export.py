@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..model.hf_export import export_hf
 
-    from ..mixture.bundle import is_bundle
+    from ..run.locate import locate
 
     if not args.no_check:
         try:
@@ -43,12 +43,10 @@ def run(args) -> int:
         except ModuleNotFoundError:
             raise SmallTalkError("the export check loads the result with transformers, which is not installed: "
                                  "pip install 'smalltalk[hf]' (or pass --no-check)") from None
-    path = args.model_dir
-    if is_bundle(path) or is_bundle(path / "bundle"):
-        return export_mixture(args, path)
-    if not (path / "config.json").is_file() and path.is_dir():
-        raise SmallTalkError(f"{path}: neither a model directory (no config.json) nor a mixture bundle or run "
-                             "directory (no bundle.json); give e.g. RUN/dense/model, RUN/bundle or RUN")
+    located = locate(args.model_dir, what="export")
+    if located.bundle is not None:
+        return export_mixture(args, located)
+    path = located.model
     out = export_hf(path, args.tokenizer, args.out)
     print(f"exported {path} -> {out}")
     if not args.no_check:
@@ -57,13 +55,13 @@ def run(args) -> int:
 
 
 def check(model_dir: Path, out: Path) -> None:
-    from ..data.tokenizer import load_tokenizer
+    from ..data.tokenizer import TOKENIZER_FILE, load_tokenizer
     from ..model.generate import encode
     from ..model.hf_export import compare_logits
     from ..model.io import load_model_dir
 
     model, _ = load_model_dir(model_dir)
-    tokenizer = load_tokenizer(out / "tokenizer.json")
+    tokenizer = load_tokenizer(out / TOKENIZER_FILE)
     diff = compare_logits(model, out, encode(tokenizer, CHECK_TEXT))
     if diff > CHECK_TOLERANCE:
         raise SmallTalkError(f"{out}: transformers' logits differ from ours by {diff:.2e} (> {CHECK_TOLERANCE}); "
@@ -71,13 +69,11 @@ def check(model_dir: Path, out: Path) -> None:
     print(f"checked: transformers loads {out} and its logits match ours (max abs diff {diff:.1e})")
 
 
-def export_mixture(args, path: Path) -> int:
-    from ..mixture.bundle import is_bundle, read_bundle
+def export_mixture(args, located) -> int:
+    from ..mixture.bundle import read_bundle
     from ..mixture.hf_bundle import export_bundle_hf
 
-    run = None if is_bundle(path) else path
-    bundle = path if run is None else path / "bundle"
-    dense = run / "dense" / "model" if run is not None and (run / "dense" / "model").is_dir() else None
+    bundle, dense = located.bundle, located.dense
     if args.tokenizer is not None:
         raise SmallTalkError("--tokenizer applies to one model; a bundle's models all use the bundle's tokenizer")
     manifest = export_bundle_hf(bundle, args.out, dense=dense)

@@ -46,10 +46,10 @@ def _expert_or_nearest(value: str) -> int | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..mixture.bundle import is_bundle
     from ..mixture.grow import GrowConfig, grow_bundle
+    from ..run.locate import locate
 
-    bundle = args.bundle if is_bundle(args.bundle) else args.bundle / "bundle"
+    bundle = locate(args.bundle, want=("bundle",), what="grow").bundle
     cfg = GrowConfig(router_steps=args.router_steps, expert_steps=args.expert_steps,
                      expert_batch_size=args.expert_batch_size, branch_from=args.branch_from,
                      new_experts=args.new_experts, seed=args.seed,

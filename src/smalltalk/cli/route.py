@@ -34,11 +34,10 @@ def add_parser(subparsers) -> None:
 
 
 def resolve_bundle(path: Path) -> Path:
-    from ..mixture.bundle import is_bundle
+    """A bundle, or a run directory's bundle (`smalltalk.run.locate`)."""
+    from ..run.locate import locate
 
-    if not is_bundle(path) and is_bundle(path / "bundle"):
-        return path / "bundle"
-    return path
+    return locate(path, want=("bundle",)).bundle
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def is_bundle_path(path: Path) -> bool:
-    """A mixture bundle, or a run directory holding one (used by `smalltalk generate`)."""
-    from ..mixture.bundle import is_bundle
+    from ..run.locate import locate
 
-    return is_bundle(path) or is_bundle(Path(path) / "bundle")
+    try:
+        return locate(path).bundle is not None
+    except SmallTalkError:
+        return False
 
 
 def generate_from_bundle(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
     smalltalk run --config tiny --out runs/quickstart        # the README quickstart (minutes on 2 cores)
     smalltalk run --config cpu --out runs/cpu                # the experiment of benchmarks/mixture_results.py
-    smalltalk run --config my_run.yaml                       # a YAML file (see smalltalk.mixture.config)
+    smalltalk run --config my_run.yaml                       # a YAML file (see smalltalk.run.config)
     smalltalk run --config tiny --out R --until shard        # then train experts anywhere (docs/running-experts.md)
 
 Stages: prepare -> routers (EM) -> shard -> experts -> dense -> bundle -> evaluate -> report. Each is
@@ -39,8 +39,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..mixture.config import RECIPES, RUN_PRESETS, load_run_config, run_preset
-    from ..mixture.pipeline import run_pipeline
+    from ..run.config import RECIPES, RUN_PRESETS, load_run_config, run_preset
+    from ..run.pipeline import run_pipeline
 
     if args.list_presets:
         for name in RUN_PRESETS:

@@ -32,20 +32,20 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..mixture.bundle import is_bundle
     from ..mixture.shrink import opt_out_cost, shrink_bundle
+    from ..run.locate import locate
 
     try:
         drop = [int(k) for k in args.drop.split(",") if k.strip()]
     except ValueError:
         raise SmallTalkError(f"--drop {args.drop!r}: give expert indices, e.g. 2 or 1,3") from None
-    run_dir = None if is_bundle(args.bundle) else args.bundle
-    bundle = args.bundle if run_dir is None else args.bundle / "bundle"
+    located = locate(args.bundle, want=("bundle",), what="shrink")
+    bundle = located.bundle
     new = shrink_bundle(bundle, drop, args.out)
     print(f"wrote {args.out}: {new.num_experts} experts (dropped {drop} of {bundle})")
     if args.cost:
-        dense = args.dense or (run_dir / "dense" / "model" if run_dir else None)
-        data = args.data or (run_dir / "data" if run_dir else None)
+        dense = args.dense or located.dense
+        data = args.data or located.data
         if dense is None or data is None:
             raise SmallTalkError("--cost needs a run directory, or --dense and --data")
         cost = opt_out_cost(bundle, drop, dense, data, max_seqs=args.max_seqs, device=args.device)

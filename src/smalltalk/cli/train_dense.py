@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..mixture.dense import train_dense
+    from ..run.dense import train_dense
 
     summary = train_dense(args.run, progress=apply_training_flags(args))
     print(summary_line("dense", summary, "valid ppl"))

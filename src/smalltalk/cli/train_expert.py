@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..mixture.experts import train_expert
+    from ..run.experts import train_expert
 
     summary = train_expert(args.run, args.expert, progress=apply_training_flags(args))
     print(summary_line(f"expert {args.expert}", summary, "valid ppl on its segment"))

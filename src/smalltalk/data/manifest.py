@@ -16,9 +16,10 @@ from typing import Any
 from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json, read_json
 from .shards import read_header
+from .tokenizer import TOKENIZER_FILE
 
 FORMAT, VERSION = "smalltalk-tokens", 1
-MANIFEST, TOKENIZER_FILE = "manifest.json", "tokenizer.json"
+MANIFEST = "manifest.json"
 
 
 def is_prepared(directory: str | Path) -> bool:
@@ -77,6 +78,10 @@ class DataManifest:
     splits: dict[str, dict]
     tokenizer: dict
     raw: dict
+
+    @property
+    def path(self) -> Path:
+        return self.dir / MANIFEST
 
     @property
     def tokenizer_file(self) -> Path:

@@ -37,11 +37,12 @@ from .. import __version__
 from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temps
 from .encode import DocumentEncoder, document_pieces
-from .manifest import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, load_manifest
+from .manifest import FORMAT, MANIFEST, VERSION, load_manifest
 from .packing import SequencePacker
 from .prepare_config import NOT_IDENTITY, NOT_TOKENIZER_IDENTITY, PrepareConfig
 from .readers import Document, ReadStats
 from .shards import UNKNOWN_DOMAIN, ShardWriter, token_dtype, write_shard
+from .tokenizer import TOKENIZER_FILE
 from .sources import HASH_SPLIT, SPLITS, PlannedSource, iter_split_documents, plan_sources, source_fingerprint
 from .tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 

@@ -31,6 +31,9 @@ import numpy as np
 from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json
 
+TOKENIZER_FILE = "tokenizer.json"
+"""The tokenizer's file name wherever one is stored (data, model, trainer and bundle directories)."""
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2
 TOKENIZER_PRESETS = {"tiny": 2048, "cpu": 8192, "paper": 32000}

@@ -74,11 +74,10 @@ class EvalModels:
 
     @classmethod
     def _open_bundle(cls, path: Path, prefix_len, device, max_loaded_experts) -> "EvalModels":
-        from ..mixture.bundle import is_bundle
         from ..mixture.inference import Mixture
+        from ..run.locate import locate
 
-        if not is_bundle(path) and is_bundle(path / "bundle"):
-            path = path / "bundle"  # a run directory
+        path = locate(path, want=("bundle",), what="bundle=").bundle
         mixture = Mixture.load(path, device=device, max_loaded_experts=max_loaded_experts)
         m = mixture.check_prefix_len(None if prefix_len is None else int(prefix_len))
         return cls(kind="mixture", path=path, tokenizer=mixture.tokenizer, eos_id=int(mixture.eos_id),
@@ -90,10 +89,11 @@ class EvalModels:
         from tokenizers import Tokenizer
 
         from ..model.generate import eos_token_id
-        from ..model.io import TOKENIZER_FILE, load_model_dir
+        from ..data.tokenizer import TOKENIZER_FILE
+        from ..model.io import load_model_dir
+        from ..run.locate import locate
 
-        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-            path = path / "model"  # a training run directory
+        path = locate(path, what="model=").served
         model, _ = load_model_dir(path, device=device)
         tok_file = path / TOKENIZER_FILE
         if not tok_file.is_file():

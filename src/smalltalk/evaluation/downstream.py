@@ -12,7 +12,7 @@ routes every request by its own prefix, see `lm_eval_model.py`). Written to `out
                                              its side is done and reused by a re-run with the same
                                              model files and settings (a resumed job redoes no finished side)
 
-With a run directory (`smalltalk run` layout, mixture/layout.py) the bundle is ``<run>/bundle``, the
+With a run directory (`smalltalk run` layout, run/layout.py) the bundle is ``<run>/bundle``, the
 dense baseline ``<run>/dense/model``, `out` is ``<run>/eval``, and the Markdown is also put into
 ``<run>/report.md`` as a section between ``<!-- downstream -->`` markers (replaced on re-runs;
 `downstream_report.py`).
@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..run.layout import RunLayout
 from ..errors import SmallTalkError
 from ..io import atomic_write_json, atomic_write_text
 from .downstream_report import SIDES, to_markdown, update_report
@@ -91,9 +92,10 @@ class DownstreamConfig:
             run = Path(self.run_dir)
             if not run.is_dir():
                 raise SmallTalkError(f"--run-dir {run}: directory not found")
-            self.bundle = self.bundle or str(run / "bundle")
-            self.dense = self.dense or str(run / "dense" / "model")
-            self.out = self.out or str(run / "eval")
+            layout = RunLayout(run)
+            self.bundle = self.bundle or str(layout.bundle)
+            self.dense = self.dense or str(layout.dense_model)
+            self.out = self.out or str(layout.eval_results.parent)
         if self.bundle is None and self.dense is None:
             raise SmallTalkError("downstream evaluation needs --run-dir, or --bundle and/or --dense")
         if isinstance(self.tasks, str):

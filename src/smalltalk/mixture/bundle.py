@@ -42,12 +42,12 @@ from typing import Any, Sequence
 
 from ..errors import SmallTalkError
 from ..io import atomic_write_json, read_json, replace_dir, temp_dir
+from ..data.tokenizer import TOKENIZER_FILE
 from ..model.io import CONFIG_FILE, WEIGHTS_FILE, read_model_config, sha256_file
 
 FORMAT = "smalltalk-mixture"
 VERSION = 1
 BUNDLE_FILE = "bundle.json"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass

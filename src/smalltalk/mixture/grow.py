@@ -183,7 +183,7 @@ def grow_bundle(bundle: str | Path, sources: Sequence[str], out: str | Path, cfg
 
     # The new routers: the old routers' architecture and EM settings, trained on the new data's prefixes.
     router_cfg, _ = read_model_config(info.routers[0].dir)
-    em = RouterEMConfig.from_dict({k: v for k, v in run_cfg["routers"].items() if k != "num_seqs_resolved"}) \
+    em = RouterEMConfig.from_dict(run_cfg["routers"]) \
         if run_cfg else RouterEMConfig(prefix_len=info.prefix_len, router_preset="tiny")
     if K == 1:
         router_dirs, shards, router_flops = _one_router(info, em, router_cfg, train, work, cfg)

@@ -32,7 +32,8 @@ import torch
 from ..errors import SmallTalkError
 from ..io import atomic_dir, atomic_write_json, current_umask
 from .config import ModelConfig
-from .io import TOKENIZER_FILE, load_model_dir, unwrap_model, weights_state_dict
+from ..data.tokenizer import TOKENIZER_FILE
+from .io import load_model_dir, unwrap_model, weights_state_dict
 from .transformer import Transformer
 
 def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None,

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import SmallTalkError
 from ..io import atomic_dir, atomic_write_json, current_umask, read_json, sha256_file  # noqa: F401
+from ..data.tokenizer import TOKENIZER_FILE
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -34,7 +35,6 @@ FORMAT = "smalltalk-model"
 VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def unwrap_model(model: torch.nn.Module) -> Transformer:

@@ -37,7 +37,8 @@ from .config import RouterEMConfig
 from .distributed import Workers, init_workers, install_termination_message
 from .em_log import describe_iteration, iteration_record
 from .em_state import EMState
-from .routers_dir import read_routers_manifest, routers_dir, write_routers_manifest
+from ..train.layout import TrainerDir
+from .routers_dir import read_routers_manifest, router_dir, routers_dir, write_routers_manifest
 from .score import StackedRouters, check_prefix_len, score_dataset
 
 
@@ -109,8 +110,8 @@ def _train_routers(data_dir: str | Path, run_dir: str | Path, cfg: RouterEMConfi
         say(describe_iteration(record, cfg.iterations, t3 - t0))
 
     for e, trainer in trainers.items():  # line 10: the trained routers
-        trainer.save_model(out / f"router_{e}")
-        shutil.rmtree(out / "work" / f"router_{e}" / "model", ignore_errors=True)  # the trainer's own copy
+        trainer.save_model(router_dir(out, e))
+        shutil.rmtree(TrainerDir(out / "work" / f"router_{e}").model, ignore_errors=True)  # the trainer's own copy
     workers.barrier()
     manifest = None
     if workers.is_main:

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import SmallTalkError
 from ..io import atomic_open, atomic_write_json, atomic_write_text, read_json
 from ..model.config import ModelConfig
+from ..train.layout import TrainerDir, read_metrics
 from .analysis import plot_em
 from .config import RouterEMConfig
 from .distributed import Workers
@@ -125,15 +126,9 @@ def _read_log(path: Path, upto: int) -> list[dict]:
 
 def _last_train_loss(run: Path, step: int) -> float:
     """Router training loss logged at `step` (read back so a resumed iteration logs what it logged before)."""
-    path = run / "metrics.jsonl"
-    if path.exists():
-        for line in reversed(path.read_text(encoding="utf-8").splitlines()):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step") == step and "loss" in rec:
-                return float(rec["loss"])
+    for rec in reversed(read_metrics(run)):
+        if rec.get("step") == step and "loss" in rec:
+            return float(rec["loss"])
     return float("nan")
 
 
@@ -166,7 +161,7 @@ def _open_trainers(work: Path, cfg: RouterEMConfig, model_cfg: ModelConfig, trai
     trainers = {}
     for e in workers.owned(cfg.num_experts):
         run = work / f"router_{e}"
-        _prune_checkpoints(run / "checkpoints", (done + 1) * steps)
+        _prune_checkpoints(TrainerDir(run).checkpoints, (done + 1) * steps)
         tcfg = cfg.train_config(e).replace(device=str(workers.device))
         # DistInfo(): a router is trained by one process; no data parallelism, no gradient exchange.
         trainers[e] = Trainer(model_cfg, tcfg, train, run, indices=segments[e], dist_info=DistInfo(), progress=False)

@@ -29,6 +29,11 @@ def routers_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "routers"
 
 
+def router_dir(directory: str | Path, e: int) -> Path:
+    """Router e's model directory inside a routers directory."""
+    return Path(directory) / f"router_{e}"
+
+
 def has_routers(directory: str | Path) -> bool:
     """Whether `directory` holds finished routers (their manifest exists)."""
     return (Path(directory) / MANIFEST).is_file()
@@ -36,16 +41,25 @@ def has_routers(directory: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class RoutersManifest:
-    """A validated routers manifest; the full dict stays in `raw`."""
+    """A validated routers manifest; the full dict (EM diagnostics, comm, data) stays in `raw` for reports."""
 
     dir: Path
     num_experts: int
     prefix_len: int
     tokenizer_sha256: str | None
     router_model: ModelConfig
-    em: dict
+    em: RouterEMConfig
+    """The EM settings the routers were trained with (`em.num_seqs`: sequences scored per iteration)."""
     weights_sha256: list[str | None]
+    iterations_completed: int
     raw: dict
+
+    @property
+    def path(self) -> Path:
+        return self.dir / MANIFEST
+
+    def router_dirs(self) -> list[Path]:
+        return [self.dir / r["dir"] for r in self.raw["routers"]]
 
 
 def read_routers_manifest(directory: str | Path) -> RoutersManifest:
@@ -67,8 +81,9 @@ def read_routers_manifest(directory: str | Path) -> RoutersManifest:
     if missing:
         raise SmallTalkError(f"{path}: routers manifest lacks {missing[0]!r}; re-run `smalltalk train-routers`")
     return RoutersManifest(directory, int(raw["num_experts"]), int(raw["prefix_len"]), raw.get("tokenizer_sha256"),
-                           ModelConfig.from_dict(raw["router_model"]), dict(raw["em"]),
-                           [r.get("weights_sha256") for r in raw["routers"]], raw)
+                           ModelConfig.from_dict(raw["router_model"]), RouterEMConfig.from_dict(raw["em"]),
+                           [r.get("weights_sha256") for r in raw["routers"]], int(raw.get("iterations_completed", 0)),
+                           raw)
 
 
 def write_routers_manifest(out: Path, cfg: RouterEMConfig, model_cfg: ModelConfig, data: dict, records: list[dict],
@@ -77,7 +92,7 @@ def write_routers_manifest(out: Path, cfg: RouterEMConfig, model_cfg: ModelConfi
     last = records[-1] if records else {}
     routers = []
     for e in range(cfg.num_experts):
-        d = out / f"router_{e}"
+        d = router_dir(out, e)
         routers.append({"dir": d.name, "weights_sha256": sha256_file(d / "model.safetensors")})
     manifest = {
         "format": FORMAT, "version": VERSION,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,10 +45,59 @@ from ..model.io import sha256_file
 from .analysis import contingency
 from .assign import balanced_assignment, segment_sizes
 from .distributed import Workers, init_workers
-from .routers_dir import MANIFEST as ROUTERS_MANIFEST, load_routers
+from .routers_dir import MANIFEST as ROUTERS_MANIFEST, load_routers, read_routers_manifest
 from .score import StackedRouters, check_prefix_len, score_dataset
 
 MANIFEST_FORMAT, SHARDS_MANIFEST = "smalltalk-expert-shards", "manifest.json"
+
+
+def expert_shard_dir(out: str | Path, e: int) -> Path:
+    """Expert e's dataset (a prepared-data directory) inside an expert-shards directory."""
+    return Path(out) / f"expert_{e}"
+
+
+@dataclass(frozen=True)
+class ShardsManifest:
+    """The expert-shards manifest ``<out>/manifest.json``, read and checked (`read_shards_manifest`)."""
+
+    dir: Path
+    num_experts: int
+    prefix_len: int
+    tokenizer_sha256: str | None
+    routers_dir: str | None
+    """The routers that routed the data (None for the partition of a derived analysis run)."""
+    routers_weights_sha256: list[str] | None
+    train_counts: list[int]
+    """Training sequences of each expert."""
+    train_num_seqs: int
+
+    @property
+    def path(self) -> Path:
+        return self.dir / SHARDS_MANIFEST
+
+    def expert_dir(self, e: int) -> Path:
+        return expert_shard_dir(self.dir, e)
+
+
+def read_shards_manifest(directory: str | Path) -> ShardsManifest:
+    """Read ``<directory>/manifest.json`` written by the shard stage; errors name the file and what to do."""
+    directory = Path(directory)
+    path = directory / SHARDS_MANIFEST
+    if not path.is_file():
+        raise SmallTalkError(f"{path}: not found; shard the data first (`smalltalk run --config ... --until shard` "
+                             "or `smalltalk shard`)")
+    raw = read_json(path)
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+        raise SmallTalkError(f"{path}: not an expert-shards manifest (format {raw.get('format') if isinstance(raw, dict) else None!r}); "
+                             "pass the shards/ directory written by `smalltalk shard`")
+    try:
+        train = raw["splits"]["train"]
+        routers = raw.get("routers") or {}
+        return ShardsManifest(directory, int(raw["num_experts"]), int(raw["prefix_len"]), raw.get("tokenizer_sha256"),
+                              routers.get("dir"), routers.get("weights_sha256"), [int(c) for c in train["counts"]],
+                              int(train["num_seqs"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SmallTalkError(f"{path}: expert-shards manifest lacks or garbles {e}; shard the data again") from None
 
 
 def chunk_order(num_seqs: int, seed: int) -> np.ndarray:
@@ -122,11 +172,12 @@ def _shard_dataset(data_dir, routers, out, *, chunk_size, splits, batch_size, se
                              f"{str(rmanifest.get('tokenizer_sha256'))[:12]}, but {data_dir} uses "
                              f"{str(data_sha)[:12]}; shard data prepared with the routers' tokenizer, or train "
                              "routers on this data")
-    chunk_size = int(chunk_size or rmanifest["em"].get("num_seqs_resolved") or 4096)
+    em = read_routers_manifest(routers).em
+    chunk_size = int(chunk_size or em.num_seqs)
     if chunk_size < E:
         raise SmallTalkError(f"chunk_size={chunk_size} is smaller than the {E} experts: balanced assignment could "
                              "leave experts empty; use --chunk-size >= --num-experts")
-    seed = int(rmanifest["em"].get("seed", 0) if seed is None else seed)
+    seed = int(em.seed if seed is None else seed)
     domain_names = data.domains
     router_weights = [r["weights_sha256"] for r in rmanifest["routers"]]
     settings = {"data_dir": str(data_dir.resolve()), "routers_dir": str(routers.resolve()),
@@ -180,7 +231,7 @@ def _shard_chunk(stacked: StackedRouters, ds, split: str, c: int, idx: np.ndarra
     for e in range(E):
         mine = assignment == e
         if mine.any():  # ascending index order; shard_{c} in every expert directory holds chunk c
-            writer = ShardWriter(out / f"expert_{e}" / split, ds.seq_len, ds.vocab_size, seqs_per_shard=len(idx),
+            writer = ShardWriter(expert_shard_dir(out, e) / split, ds.seq_len, ds.vocab_size, seqs_per_shard=len(idx),
                                  start_shard=c)
             writer.add(ds.get(idx[mine]), domains[mine])
             writer.close()
@@ -222,11 +273,11 @@ def _write_manifests(out: Path, data: DataManifest, rmanifest: dict, routers: Pa
                              "domain_counts": [{d: int(dom[e, i]) for i, d in enumerate(domain_names)}
                                                for e in range(E)]}
         for e in range(E):
-            per_expert[e][split] = subset_split(out / f"expert_{e}", split, int(counts[e]), src, data.seq_len,
+            per_expert[e][split] = subset_split(expert_shard_dir(out, e), split, int(counts[e]), src, data.seq_len,
                                                 {d: int(dom[e, i]) for i, d in enumerate(domain_names)})
     experts = []
     for e in range(E):
-        edir = out / f"expert_{e}"
+        edir = expert_shard_dir(out, e)
         write_subset_manifest(edir, data, per_expert[e], e, {"shard": settings})
         experts.append({"dir": edir.name, **{s: per_expert[e][s]["num_seqs"] for s in settings["splits"]}})
     return write_shards_manifest(out, E, settings["prefix_len"], settings["chunk_size"], experts, splits_out,

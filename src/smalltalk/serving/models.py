@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import SmallTalkError
-from ..mixture.bundle import is_bundle
 from ..mixture.inference import Mixture, Route, resolve_device
 from ..model.transformer import Transformer
+from ..run.locate import locate
 from .config import RemoteExpert, ServeConfig
 
 
@@ -42,11 +42,10 @@ class ServedModels:
 
     @classmethod
     def open(cls, cfg: ServeConfig) -> "ServedModels":
-        path = cfg.path
-        if not is_bundle(path) and is_bundle(path / "bundle"):
-            path = path / "bundle"  # a run directory
+        located = locate(cfg.path, what="serve")
+        path = located.served
         device = resolve_device(cfg.device)
-        if is_bundle(path):
+        if located.bundle is not None:
             from ..mixture.bundle import read_bundle
 
             info = read_bundle(path)

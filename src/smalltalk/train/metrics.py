@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_text
+from .layout import TrainerDir
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -42,7 +43,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, start_step: int = 0, total_steps: int = 0,
                  progress: bool | None = None, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = TrainerDir(run_dir).metrics
         self._bar = None
         self._tb = None
         if not enabled:

@@ -46,10 +46,11 @@ from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json
 from ..model.config import ModelConfig
 from ..model.flops import training_flops_per_step
-from ..model.io import save_model_dir, sha256_file
+from ..model.io import CONFIG_FILE, save_model_dir, sha256_file
 from ..model.transformer import Transformer
 from . import checkpoint as ckpt_lib
 from .config import TrainConfig
+from .layout import TrainerDir
 from .distributed import DistInfo, any_rank, barrier, init_distributed, resolve_device
 from .evaluate import EvalResult, autocast_context, evaluate
 from .metrics import MetricsLogger
@@ -78,7 +79,7 @@ class Trainer:
                  dist_info: DistInfo | None = None):
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.run_dir = Path(run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = TrainerDir(self.run_dir).checkpoints
         if isinstance(train_data, SplitData):
             tokenizer_file = tokenizer_file or train_data.tokenizer_file
             tokenizer_sha256 = tokenizer_sha256 or train_data.tokenizer_sha256
@@ -168,7 +169,7 @@ class Trainer:
         does not depend on the data directory staying in place."""
         if self.tokenizer_file is None:
             return
-        run_copy = self.run_dir / "tokenizer.json"
+        run_copy = TrainerDir(self.run_dir).tokenizer
         if self.dist.is_main and not (run_copy.is_file() and sha256_file(run_copy) == self.tokenizer_sha256):
             if not self.tokenizer_file.is_file():
                 raise SmallTalkError(f"{self.tokenizer_file}: tokenizer file not found")
@@ -299,7 +300,7 @@ class Trainer:
 
     def save_model(self, directory: str | Path | None = None) -> Path:
         """Write the current weights as a model directory (default ``<run_dir>/model``); rank 0 only."""
-        directory = Path(directory) if directory is not None else self.run_dir / "model"
+        directory = Path(directory) if directory is not None else TrainerDir(self.run_dir).model
         if self.dist.is_main:
             extra = {"train": self.cfg.to_dict(), "step": self.step, "tokens": self.tokens, "flops": self.flops}
             if self.last_eval is not None:
@@ -350,13 +351,13 @@ class Trainer:
             if self.last_checkpoint_step != self.step:
                 self.save_checkpoint()
             # Finish the run once: a finished run re-launched only re-creates a missing model directory.
-            if self.step >= cfg.max_steps and (ran or not (self.run_dir / "model" / "config.json").is_file()):
+            if self.step >= cfg.max_steps and (ran or not (TrainerDir(self.run_dir).model / CONFIG_FILE).is_file()):
                 if self.valid_data is not None and (self.last_eval is None or not cfg.eval_every
                                                     or self.step % cfg.eval_every):
                     self.logger.log(self._add_eval({"step": self.step}))
                 self.save_model()
                 if self.dist.is_main:
-                    atomic_write_json(self.run_dir / "run.json", self.summary())
+                    atomic_write_json(TrainerDir(self.run_dir).summary, self.summary())
         finally:
             self.logger.close()
         return self.summary(last.get("loss"))

@@ -42,7 +42,7 @@ from ..model.config import PRESETS as MODEL_PRESETS
 from ..model.config import ModelConfig
 from ..routing.config import ROUTER_EM_PRESETS, RouterEMConfig
 from ..train.config import TRAIN_PRESETS, TrainConfig
-from .evaluate import EvalConfig
+from ..mixture.evaluate import EvalConfig
 
 
 @dataclass

@@ -36,6 +36,8 @@ from ..errors import SmallTalkError
 from ..io import atomic_write_json, read_json
 from ..locks import DirLock
 from ..routing.routers_dir import has_routers, read_routers_manifest
+from ..routing.sharding import read_shards_manifest
+from ..train.layout import read_metrics
 from .config import RunConfig
 from .dense import dense_done, train_dense
 from .experts import check_expert_provenance, check_shards, expert_done, train_expert
@@ -111,7 +113,7 @@ def _routers(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
 
 def _shard(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
     from ..routing.sharding import shard_dataset
-    from .inference import resolve_device
+    from ..mixture.inference import resolve_device
 
     shard_dataset(layout.data, layout.routers, layout.shards, splits=("train",),
                   batch_size=cfg.routers.score_batch_size, device=str(resolve_device(cfg.device)), log=ctx["log"])
@@ -138,7 +140,7 @@ def run_expert_processes(run_dir: Path, experts: list[int], workers: int, log=pr
             k = pending.pop(0)
             cmd = [sys.executable, "-m", "smalltalk", "train-expert", "--run", str(run_dir), "--expert", str(k),
                    "--threads", str(threads)]
-            log_path = RunLayout(run_dir).expert(k).parent / f"expert_{k}.log"
+            log_path = RunLayout(run_dir).expert_log(k)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             running[k] = (subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT), log_path)
             log(f"expert {k}: started process {running[k][0].pid} ({threads} threads), log {log_path}")
@@ -162,25 +164,26 @@ def _dense(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
 
 
 def _bundle(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
-    from .bundle import build_bundle
+    from ..mixture.bundle import build_bundle
 
     shards = check_shards(layout, cfg)
     E = cfg.num_experts
     for k in range(E):
         check_expert_provenance(layout, k)
-    build_bundle(layout.bundle, router_dirs=[layout.routers / f"router_{e}" for e in range(E)],
-                 expert_dirs=[layout.expert(k) / "model" for k in range(E)],
-                 tokenizer_file=layout.data / "tokenizer.json", prefix_len=cfg.prefix_len,
-                 train_seqs=shards["splits"]["train"]["counts"],
-                 manifests={"data": layout.data / "manifest.json", "routers": layout.routers / "manifest.json",
-                            "shards": layout.shards_manifest},
+    data = read_data_manifest(layout.data)
+    build_bundle(layout.bundle, router_dirs=[layout.router(e) for e in range(E)],
+                 expert_dirs=[layout.expert_model(k) for k in range(E)],
+                 tokenizer_file=data.tokenizer_file, prefix_len=cfg.prefix_len,
+                 train_seqs=shards.train_counts,
+                 manifests={"data": data.path, "routers": read_routers_manifest(layout.routers).path,
+                            "shards": shards.path},
                  run_config=cfg.to_dict())
 
 
 def _evaluate(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
-    from .evaluate import evaluate_mixture
+    from ..mixture.evaluate import evaluate_mixture
 
-    result = evaluate_mixture(layout.bundle, layout.dense / "model", layout.data, cfg.eval,
+    result = evaluate_mixture(layout.bundle, layout.dense_model, layout.data, cfg.eval,
                               progress=lambda what: ctx["log"](f"evaluate: scored the test split with {what}"))
     atomic_write_json(layout.eval_results, result)
 
@@ -290,18 +293,7 @@ def _run_stages(layout: RunLayout, cfg: RunConfig, until: str | None, expert_wor
 
 def _val_curve(run: Path) -> dict[int, tuple[float, int]]:
     """{step: (val_loss, flops)} from a trainer's metrics.jsonl."""
-    out = {}
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "val_loss" in r:
-            out[int(r["step"])] = (float(r["val_loss"]), int(r.get("flops", 0)))
-    return out
+    return {int(r["step"]): (float(r["val_loss"]), int(r.get("flops", 0))) for r in read_metrics(run) if "val_loss" in r}
 
 
 def training_curves(layout: RunLayout, cfg: RunConfig, overhead_flops: int) -> dict:
@@ -330,8 +322,8 @@ def run_costs_of(layout: RunLayout, cfg: RunConfig):
 
     data = read_data_manifest(layout.data)
     routers = read_routers_manifest(layout.routers)
-    shards = read_json(layout.shards_manifest)
-    em, iterations = routers.em, int(routers.raw["iterations_completed"])
+    shards = read_shards_manifest(layout.shards)
+    em, iterations = routers.em, routers.iterations_completed
     S = data.seq_len
     dense = cfg.dense_train()
     return run_costs(
@@ -339,10 +331,10 @@ def run_costs_of(layout: RunLayout, cfg: RunConfig):
         router_cfg=routers.router_model, num_experts=cfg.num_experts, seq_len=S,
         prefix_len=routers.prefix_len, expert_steps=cfg.expert_train.max_steps,
         expert_batch_size=cfg.expert_train.batch_size, dense_steps=dense.max_steps, dense_batch_size=dense.batch_size,
-        router_steps=int(em["steps_per_iteration"]) * iterations,
-        router_batch_size=int(em["batch_size"]), router_train_len=routers.prefix_len,
-        em_scored_seqs=int(em["num_seqs_resolved"]) * iterations,
-        shard_scored_seqs=int(shards["splits"]["train"]["num_seqs"]))
+        router_steps=em.steps_per_iteration * iterations,
+        router_batch_size=em.batch_size, router_train_len=routers.prefix_len,
+        em_scored_seqs=em.num_seqs * iterations,
+        shard_scored_seqs=shards.train_num_seqs)
 
 
 def collect_results(layout: RunLayout, cfg: RunConfig) -> dict:

@@ -4,7 +4,7 @@
 report can be re-rendered, and benchmarks can read numbers without parsing Markdown::
 
     {"name", "num_experts", "prefix_len", "eval": {...mixture.evaluate.evaluate_mixture...},
-     "costs": {...mixture.costs.RunCosts.to_dict()...}, "curves": {"mixture": [...], "dense": [...]},
+     "costs": {...run.costs.RunCosts.to_dict()...}, "curves": {"mixture": [...], "dense": [...]},
      "timings_s": {stage: seconds}, "config": {...}, "environment": {...}}
 """
 

@@ -35,6 +35,8 @@ from ..routing import rule
 from ..io import atomic_open, atomic_write_json, read_json
 from ..data.splits import SplitData, load_split
 from ..routing.routers_dir import has_routers, read_routers_manifest
+from ..routing.sharding import ShardsManifest, read_shards_manifest
+from ..train.layout import TrainerDir
 from .config import RunConfig
 from .layout import RunLayout, read_run_config
 
@@ -60,29 +62,25 @@ class SubsetDataset:
         return self.base.domains(self.indices if indices is None else self.indices[np.asarray(indices)])
 
 
-def check_shards(layout: RunLayout, cfg: RunConfig) -> dict:
-    """The shards manifest, checked against the run config (E must match)."""
-    path = layout.shards_manifest
-    if not path.is_file():
-        raise SmallTalkError(f"{path}: not found; shard the data first (`smalltalk run --config ... --until shard` "
-                             "or `smalltalk shard`)")
-    manifest = read_json(path)
-    E = manifest.get("num_experts")
+def check_shards(layout: RunLayout, cfg: RunConfig) -> ShardsManifest:
+    """The shards manifest, checked against the run config (E), the run's routers and its tokenizer."""
+    manifest = read_shards_manifest(layout.shards)
+    path, E = manifest.path, manifest.num_experts
     if E != cfg.num_experts:
         raise SmallTalkError(f"{path}: the data is sharded for num_experts={E} but the run config says "
                              f"num_experts={cfg.num_experts}; re-shard with E={cfg.num_experts} or use a config with "
                              f"num_experts={E}")
     if has_routers(layout.routers):
         mine = read_routers_manifest(layout.routers).weights_sha256
-        used = (manifest.get("routers") or {}).get("weights_sha256")
+        used = manifest.routers_weights_sha256
         if used is not None and used != mine:
             raise SmallTalkError(f"{path}: these expert shards were routed by other routers "
-                                 f"({(manifest.get('routers') or {}).get('dir')}) than this run's ({layout.routers}); "
+                                 f"({manifest.routers_dir}) than this run's ({layout.routers}); "
                                  f"delete {layout.shards} and re-run the shard stage with this run's routers")
-    if is_prepared(layout.data) and manifest.get("tokenizer_sha256"):
+    if is_prepared(layout.data) and manifest.tokenizer_sha256:
         data_sha = read_data_manifest(layout.data).tokenizer_identity()
-        if data_sha and data_sha != manifest["tokenizer_sha256"]:
-            raise SmallTalkError(f"{path}: the shards were made with tokenizer sha256 {manifest['tokenizer_sha256'][:12]} "
+        if data_sha and data_sha != manifest.tokenizer_sha256:
+            raise SmallTalkError(f"{path}: the shards were made with tokenizer sha256 {manifest.tokenizer_sha256[:12]} "
                                  f"but this run's data ({layout.data}) uses {data_sha[:12]}; re-shard this run's data")
     return manifest
 
@@ -94,10 +92,10 @@ def shards_provenance(layout: RunLayout) -> dict:
     """What an expert of this run consumed: the shards manifest, hence the routers and tokenizer behind them."""
     from ..model.io import sha256_file
 
-    manifest = read_json(layout.shards_manifest)
-    return {"shards_manifest_sha256": sha256_file(layout.shards_manifest),
-            "routers_weights_sha256": (manifest.get("routers") or {}).get("weights_sha256"),
-            "tokenizer_sha256": manifest.get("tokenizer_sha256")}
+    manifest = read_shards_manifest(layout.shards)
+    return {"shards_manifest_sha256": sha256_file(manifest.path),
+            "routers_weights_sha256": manifest.routers_weights_sha256,
+            "tokenizer_sha256": manifest.tokenizer_sha256}
 
 
 def check_expert_provenance(layout: RunLayout, k: int) -> None:
@@ -134,7 +132,7 @@ def valid_routes(layout: RunLayout, cfg: RunConfig) -> tuple[np.ndarray, np.ndar
         return table[0], table[1]
     from ..routing.routers_dir import load_routers
     from ..routing.score import StackedRouters, score_dataset
-    from .inference import resolve_device
+    from ..mixture.inference import resolve_device
 
     device = resolve_device(cfg.device)
     models, _ = load_routers(layout.routers, device=str(device))
@@ -160,8 +158,7 @@ def valid_segment(layout: RunLayout, cfg: RunConfig, k: int) -> SplitData | None
 
 
 def expert_done(layout: RunLayout, k: int) -> bool:
-    d = layout.expert(k)
-    return (d / "run.json").is_file() and (d / "model" / "model.safetensors").is_file()
+    return TrainerDir(layout.expert(k)).is_done()
 
 
 def train_expert(run_dir: str | Path, k: int, *, cfg: RunConfig | None = None, progress: bool | None = None,
@@ -186,7 +183,7 @@ def _train_expert(layout: RunLayout, k: int, cfg: RunConfig, progress: bool | No
     check_shards(layout, cfg)
     if expert_done(layout, k):
         check_expert_provenance(layout, k)
-        return read_json(layout.expert(k) / "run.json")
+        return read_json(TrainerDir(layout.expert(k)).summary)
     provenance = layout.expert(k) / PROVENANCE_FILE
     if provenance.is_file():
         check_expert_provenance(layout, k)  # a resumed expert must continue on the shards it started on

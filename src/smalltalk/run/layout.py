@@ -21,6 +21,9 @@ from pathlib import Path
 
 from ..errors import SmallTalkError
 from ..io import read_json
+from ..routing.routers_dir import router_dir, routers_dir
+from ..routing.sharding import SHARDS_MANIFEST, expert_shard_dir
+from ..train.layout import TrainerDir
 from .config import RunConfig
 
 ANALYSIS_DIR = "analysis"
@@ -59,7 +62,7 @@ class RunLayout:
 
     @property
     def routers(self) -> Path:
-        return self.root / "routers"
+        return routers_dir(self.root)
 
     @property
     def shards(self) -> Path:
@@ -67,13 +70,21 @@ class RunLayout:
 
     @property
     def shards_manifest(self) -> Path:
-        return self.shards / "manifest.json"
+        return self.shards / SHARDS_MANIFEST
 
     def expert_shard(self, k: int) -> Path:
-        return self.shards / f"expert_{k}" / "train"
+        return expert_shard_dir(self.shards, k) / "train"
 
     def expert(self, k: int) -> Path:
+        """Expert k's trainer run directory (a `TrainerDir`)."""
         return self.root / "experts" / f"expert_{k}"
+
+    def expert_model(self, k: int) -> Path:
+        return TrainerDir(self.expert(k)).model
+
+    def expert_log(self, k: int) -> Path:
+        """Expert k's log when it trains as its own process (`smalltalk run --expert-workers`)."""
+        return self.root / "experts" / f"expert_{k}.log"
 
     @property
     def valid_routes(self) -> Path:
@@ -81,7 +92,15 @@ class RunLayout:
 
     @property
     def dense(self) -> Path:
+        """The dense baseline's trainer run directory (a `TrainerDir`)."""
         return self.root / "dense"
+
+    @property
+    def dense_model(self) -> Path:
+        return TrainerDir(self.dense).model
+
+    def router(self, e: int) -> Path:
+        return router_dir(self.routers, e)
 
     @property
     def bundle(self) -> Path:

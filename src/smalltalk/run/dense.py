@@ -16,12 +16,13 @@ from typing import Any
 from ..io import read_json
 from ..model.flops import training_flops
 from ..data.splits import load_split
+from ..train.layout import TrainerDir
 from .config import RunConfig
 from .layout import RunLayout, read_run_config
 
 
 def dense_done(layout: RunLayout) -> bool:
-    return (layout.dense / "run.json").is_file() and (layout.dense / "model" / "model.safetensors").is_file()
+    return TrainerDir(layout.dense).is_done()
 
 
 def flops_side_by_side(cfg: RunConfig, seq_len: int, vocab_size: int) -> tuple[int, int, str]:
@@ -55,7 +56,7 @@ def _train_dense(layout: RunLayout, cfg: RunConfig, progress: bool | None, log) 
     _, _, line = flops_side_by_side(cfg, train.dataset.seq_len, train.dataset.vocab_size)
     if dense_done(layout):
         log(line)
-        return read_json(layout.dense / "run.json")
+        return read_json(TrainerDir(layout.dense).summary)
     valid = load_split(layout.data, "valid")
     model_cfg = model_config_for_data(cfg.expert_model, train)
     train_cfg = cfg.dense_train()
