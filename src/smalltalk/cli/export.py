@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..model.hf_export import export_hf
 
-    from ..run.locate import locate
+    from ..run.locate import is_model_dir, locate
 
     if not args.no_check:
         try:
@@ -47,6 +47,9 @@ def run(args) -> int:
     if located.bundle is not None:
         return export_mixture(args, located)
     path = located.model
+    if not is_model_dir(path) and path.is_dir():
+        raise SmallTalkError(f"{path}: neither a model directory (no config.json) nor a mixture bundle or run "
+                             "directory (no bundle.json); give e.g. RUN/dense/model, RUN/bundle or RUN")
     out = export_hf(path, args.tokenizer, args.out)
     print(f"exported {path} -> {out}")
     if not args.no_check:

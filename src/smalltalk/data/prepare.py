@@ -254,7 +254,7 @@ def _get_tokenizer(cfg: PrepareConfig, out: Path, planned: list[PlannedSource], 
 def _encode_all(cfg: PrepareConfig, out: Path, planned: list[PlannedSource], tokenizer: TextTokenizer,
                 log: Callable[[str], None]) -> dict:
     """One streaming pass: read -> batch per split -> encode in workers -> pack -> shards."""
-    from tqdm import tqdm
+    from ..progress import progress
 
     dtype = token_dtype(tokenizer.vocab_size)
     for split in SPLITS:  # shards of an older run must not mix with ours
@@ -268,7 +268,7 @@ def _encode_all(cfg: PrepareConfig, out: Path, planned: list[PlannedSource], tok
     encoder = DocumentEncoder(tokenizer, dtype, num_workers)
     in_flight: collections.deque = collections.deque()
     pending = {s: ([], [], [], 0) for s in SPLITS}  # split -> (texts, domain ids, ends-a-document flags, chars)
-    bar = tqdm(desc=f"prepare {cfg.name}", unit="B", unit_scale=True, disable=not cfg.progress, leave=False)
+    bar = progress(desc=f"prepare {cfg.name}", unit="B", unit_scale=True, enabled=cfg.progress)
 
     def drain(limit: int) -> None:
         while len(in_flight) > limit:

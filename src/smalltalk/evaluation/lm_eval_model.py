@@ -51,7 +51,7 @@ from typing import Any
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from tqdm import tqdm
+from ..progress import progress
 
 from ..errors import SmallTalkError
 from ..model.generate import decode, encode, generate_batch
@@ -164,7 +164,7 @@ class SmallTalkLM(TemplateLM):
         for i, (context, continuation) in enumerate(pairs):
             for w in make_windows(context or [self.eot_token_id], continuation, self.max_length):
                 by_expert[experts[i]].append((i, w))
-        bar = tqdm(total=sum(map(len, by_expert.values())), desc=desc, disable=disable_tqdm)
+        bar = progress(total=sum(map(len, by_expert.values())), desc=desc, unit="req", enabled=not disable_tqdm)
         sums: dict[int, list] = {}
         for e in sorted(by_expert):
             model = self.models.expert(e)
@@ -246,7 +246,7 @@ class SmallTalkLM(TemplateLM):
         for i, (e, s) in enumerate(zip(experts, settings)):
             groups[(e, s)].append(i)
         outputs: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        bar = progress(total=len(requests), desc="generate_until", unit="req", enabled=not disable_tqdm)
         for (e, (until, max_gen, sample, temperature, top_k, top_p)), idx in sorted(groups.items(),
                                                                                   key=lambda kv: kv[0][0]):
             model = self.models.expert(e)

@@ -66,11 +66,11 @@ def score_tables(mixture: Mixture, dense_dir: str | Path, tokens: np.ndarray, do
     if M > S:
         raise SmallTalkError(f"the bundle routes on M={M} tokens but the test sequences have only {S}; evaluate on "
                              "data prepared with the bundle's seq_len")
-    from tqdm import tqdm
+    from ..progress import progress as progress_bar
 
     E = mixture.num_experts
-    # A bar on terminals (sequences x models scored); logs get the `progress` lines per model instead.
-    bar = tqdm(total=N * (E + 2), desc="eval-mixture", unit=" seq", disable=None, leave=False)
+    # Sequences x models scored: a bar on terminals, a line every few seconds in logs.
+    bar = progress_bar(total=N * (E + 2), desc="eval-mixture", unit="seq")
     router_logp = router_token_logprobs(mixture.routers, tokens[:, :M], batch_size=batch_size * 4,
                                         on_batch=bar.update)  # (N, E, M-1)
     expert_nll = np.zeros((N, E), dtype=np.float64)

@@ -85,9 +85,8 @@ def evaluate_text(model: str | Path, sources: Sequence[str], *, dense: str | Pat
                   group_field: str = "domain", progress: bool = True) -> dict:
     """Score `sources` with a mixture bundle (or a run directory holding one) and optionally its dense model,
     or with one model directory; see the module docstring."""
-    from tqdm import tqdm
-
     from ..model.io import load_with_tokenizer
+    from ..progress import progress as progress_bar
     from ..model.io import load_model_dir
 
     if isinstance(sources, (str, Path)):
@@ -115,7 +114,7 @@ def evaluate_text(model: str | Path, sources: Sequence[str], *, dense: str | Pat
     groups: dict[str, _Tally] = defaultdict(_Tally)
     experts: dict[int, _Tally] = defaultdict(_Tally)
     total = _Tally()
-    bar = tqdm(desc="scoring", unit=" seqs", disable=not progress)
+    bar = progress_bar(desc="scoring", unit="seqs", enabled=progress)
 
     def score(batch: list[tuple[str, list[int]]]) -> None:
         tokens = np.array([ids for _, ids in batch], dtype=np.int64)  # (B, S), one length per batch

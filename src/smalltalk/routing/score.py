@@ -98,10 +98,12 @@ class StackedRouters:
 @torch.no_grad()
 def prefix_scores(routers: StackedRouters | Sequence[Transformer], tokens: np.ndarray | torch.Tensor,
                   prefix_len: int, batch_size: int = 16) -> np.ndarray:
-    """(N, E) float32 log-likelihood of each sequence's first `prefix_len` tokens under each router.
+    """(N, E) float64 log-likelihood of each sequence's first `prefix_len` tokens under each router.
 
     `tokens` (N, >= prefix_len) int token ids; only the prefix is read. Batches of `batch_size`
-    sequences bound memory; all routers run together on each batch.
+    sequences bound memory; all routers run together on each batch. The per-token log-probs are summed by
+    `rule.window_scores`, the one Eq. 8 sum of every routing path (EM, sharding, evaluation, serving), so a
+    near-tie is decided the same way in training and at inference.
     """
     stacked = routers if isinstance(routers, StackedRouters) else StackedRouters(list(routers))
     tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
@@ -109,13 +111,14 @@ def prefix_scores(routers: StackedRouters | Sequence[Transformer], tokens: np.nd
         raise SmallTalkError(f"tokens must be (num_seqs, seq_len), got shape {tuple(tokens.shape)}")
     check_prefix_len(prefix_len, tokens.shape[1], stacked.config.max_seq_len)
     N = tokens.shape[0]
-    scores = np.empty((N, stacked.num_routers), dtype=np.float32)
+    scores = np.empty((N, stacked.num_routers), dtype=np.float64)
     for b0 in range(0, N, batch_size):
         idx = tokens[b0:b0 + batch_size, :prefix_len].to(device=stacked.device, dtype=torch.long)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= stacked.config.vocab_size):
             raise SmallTalkError(f"token id {int(idx.max())} out of range for the routers' vocabulary "
                                  f"({stacked.config.vocab_size}); routers and data use different tokenizers")
-        scores[b0:b0 + len(idx)] = stacked.token_log_probs(idx).sum(-1).T.cpu().numpy()  # (B, E)
+        logp = stacked.token_log_probs(idx).permute(1, 0, 2).cpu().numpy()  # (B, E, M - 1)
+        scores[b0:b0 + len(idx)] = rule.window_scores(logp, prefix_len)  # (B, E)
     return scores
 
 
@@ -146,7 +149,7 @@ def score_dataset(routers: StackedRouters, dataset, indices: np.ndarray, prefix_
     sequences at a time so memory stays bounded however many are scored."""
     check_prefix_len(prefix_len, dataset.seq_len, routers.config.max_seq_len)
     indices = np.asarray(indices, dtype=np.int64)
-    out = np.empty((len(indices), routers.num_routers), dtype=np.float32)
+    out = np.empty((len(indices), routers.num_routers), dtype=np.float64)
     for r0 in range(0, len(indices), read_batch):
         tokens = dataset.get(indices[r0:r0 + read_batch])[:, :prefix_len]  # (b, M) int64
         out[r0:r0 + len(tokens)] = prefix_scores(routers, tokens, prefix_len, batch_size=batch_size)

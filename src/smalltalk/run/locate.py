@@ -61,6 +61,7 @@ def locate(path: str | Path, *, want: tuple[str, ...] = ("bundle", "model"), wha
     """Resolve `path` to a run directory, bundle or model directory; `want` names what the caller can use
     ("bundle": needs a mixture; "model": takes one model too). Errors name the path and what it lacks."""
     path = Path(path)
+    prefix = f"{what}: " if what else ""
     if is_bundle(path):
         located = Located(path, "bundle", bundle=path)
     elif RunLayout(path).config.is_file() or is_bundle(RunLayout(path).bundle):
@@ -70,13 +71,14 @@ def locate(path: str | Path, *, want: tuple[str, ...] = ("bundle", "model"), wha
         located = Located(path, "model", model=path)
     elif is_model_dir(TrainerDir(path).model):
         located = Located(path, "model", model=TrainerDir(path).model)
-    else:
-        raise SmallTalkError(f"{what + ' ' if what else ''}{path}: not a run directory, mixture bundle or model directory "
-                             f"({'does not exist' if not path.exists() else 'no bundle.json, run_config.json or config.json there'})")
+    elif "model" in want:  # nothing recognisable: the model loader's own error names what is missing
+        located = Located(path, "model", model=path)
+    else:  # likewise the bundle reader's
+        located = Located(path, "bundle", bundle=path)
     if located.kind == "run" and located.bundle is None:
-        raise SmallTalkError(f"{what + ' ' if what else ''}{path}: the run has no bundle yet; finish it with `smalltalk run` "
+        raise SmallTalkError(f"{prefix}{path}: the run has no bundle yet; finish it with `smalltalk run` "
                              "(the bundle stage) first")
     if "model" not in want and located.bundle is None:
-        raise SmallTalkError(f"{what + ' ' if what else ''}{path}: a model directory, not a mixture bundle; give a bundle or "
+        raise SmallTalkError(f"{prefix}{path}: a model directory, not a mixture bundle; give a bundle or "
                              "a run directory holding bundle/")
     return located
