@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from smalltalk.analysis.prefix_length import PrefixLengthConfig, analyze_prefix_length
+    from smalltalk.analysis.prefix_length import analyze_prefix_length
+    from smalltalk.analysis.runs import PrefixSettings, ScoreSettings
     from smalltalk.run.layout import read_run_config
 
     base_cfg = read_run_config(args.base)
     out = args.out or args.base.parent / f"{args.base.name}-m{args.long_m}"
     long_m_run(args.base, args.long_m, out)
-    result = analyze_prefix_length(out, PrefixLengthConfig(max_seqs=args.max_seqs, device="cpu"),
+    result = analyze_prefix_length(out, PrefixSettings(max_seqs=args.max_seqs, device="cpu"),
                                    [(f"M={base_cfg.prefix_len} partition", args.base)])
 
     def at(curve: dict) -> float | None:

@@ -121,23 +121,24 @@ def main(argv: list[str] | None = None) -> int:
                                                 router_preset=scale["big_router"]), big, share_from=base)
 
     from smalltalk.analysis.baselines import BaselineConfig
-    from smalltalk.analysis.prefix_length import PrefixLengthConfig, analyze_prefix_length
+    from smalltalk.analysis.prefix_length import analyze_prefix_length
+    from smalltalk.analysis.runs import PrefixSettings, ScoreSettings
     from smalltalk.analysis.random_shards import analyze_random_shards
-    from smalltalk.analysis.router_size import RouterSizeConfig, analyze_router_size
-    from smalltalk.analysis.specialisation import SpecialisationConfig, analyze_specialisation
+    from smalltalk.analysis.router_size import analyze_router_size
+    from smalltalk.analysis.specialisation import analyze_specialisation
     from smalltalk.analysis.tfidf_baseline import TfidfBaselineConfig, analyze_tfidf
 
     common = dict(max_seqs=scale["max_seqs"], device="cpu")
     results = {}
     steps = [
         ("prefix-length", lambda: analyze_prefix_length(
-            base, PrefixLengthConfig(**common), [(f"M={args.short_m} partition", short)] if "short-m" in variants
+            base, PrefixSettings(**common), [(f"M={args.short_m} partition", short)] if "short-m" in variants
             else [], log=log)),
         ("router-size", lambda: analyze_router_size(base, [(None, big)] if "big-router" in variants else [],
-                                                    RouterSizeConfig(**common), log=log)),
+                                                    ScoreSettings(**common), log=log)),
         ("tfidf", lambda: analyze_tfidf(base, TfidfBaselineConfig(**common), log=log)),
         ("random-shards", lambda: analyze_random_shards(base, BaselineConfig(**common), log=log)),
-        ("specialisation", lambda: analyze_specialisation(base, SpecialisationConfig(**common), log=log)),
+        ("specialisation", lambda: analyze_specialisation(base, ScoreSettings(**common), log=log)),
     ]
     for name, fn in steps:
         start = time.perf_counter()

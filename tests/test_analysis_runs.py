@@ -9,9 +9,10 @@ import pytest
 
 from analysis_run import EVAL_SEQS, build_tiny_run
 from smalltalk.run.layout import RunLayout
-from smalltalk.analysis.prefix_length import PrefixLengthConfig, analyze_prefix_length, default_prefix_lens
-from smalltalk.analysis.router_size import RouterSizeConfig, analyze_router_size
-from smalltalk.analysis.specialisation import SpecialisationConfig, analyze_specialisation
+from smalltalk.analysis.prefix_length import analyze_prefix_length, default_prefix_lens
+from smalltalk.analysis.runs import PrefixSettings, ScoreSettings
+from smalltalk.analysis.router_size import analyze_router_size
+from smalltalk.analysis.specialisation import analyze_specialisation
 from smalltalk.cli import main
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import read_json
@@ -28,7 +29,7 @@ def test_default_prefix_lens():
 
 
 def test_prefix_length_matches_the_mixture_evaluation(run_dir):
-    result = analyze_prefix_length(run_dir, PrefixLengthConfig(prefix_lens=[2, 8, 32, 128], max_seqs=EVAL_SEQS,
+    result = analyze_prefix_length(run_dir, PrefixSettings(prefix_lens=[2, 8, 32, 128], max_seqs=EVAL_SEQS,
                                                                device="cpu"))
     curve = result["curves"][0]
     rows = {r["prefix_len"]: r for r in curve["rows"]}
@@ -49,7 +50,7 @@ def test_prefix_length_matches_the_mixture_evaluation(run_dir):
     assert "## Routing prefix length" in RunLayout(run_dir).analysis_sections()
 
     # A second curve (here: the same run under another label) goes on the same plot and table.
-    both = analyze_prefix_length(run_dir, PrefixLengthConfig(prefix_lens=[8, 32], max_seqs=EVAL_SEQS, device="cpu"),
+    both = analyze_prefix_length(run_dir, PrefixSettings(prefix_lens=[8, 32], max_seqs=EVAL_SEQS, device="cpu"),
                                  compare=[("again", run_dir)])
     assert [c["label"] for c in both["curves"]] == ["analysis-test (M=32)", "again"]
     assert both["curves"][1]["rows"][1]["ppl"] == pytest.approx(rows[32]["ppl"])
@@ -59,11 +60,11 @@ def test_prefix_length_matches_the_mixture_evaluation(run_dir):
                                           (129, "longer than the routers' context")])
 def test_bad_prefix_length(run_dir, bad, message):
     with pytest.raises(SmallTalkError, match=message):
-        analyze_prefix_length(run_dir, PrefixLengthConfig(prefix_lens=[8, bad], max_seqs=8, device="cpu"))
+        analyze_prefix_length(run_dir, PrefixSettings(prefix_lens=[8, bad], max_seqs=8, device="cpu"))
 
 
 def test_specialisation(run_dir):
-    result = analyze_specialisation(run_dir, SpecialisationConfig(max_seqs=EVAL_SEQS, device="cpu"))
+    result = analyze_specialisation(run_dir, ScoreSettings(max_seqs=EVAL_SEQS, device="cpu"))
     experts = result["experts"]
     shards = read_json(run_dir / "shards" / "manifest.json")["splits"]["train"]["counts"]
     assert [x["train_share"] for x in experts] == pytest.approx([c / sum(shards) for c in shards])
@@ -82,7 +83,7 @@ def test_specialisation(run_dir):
 
 
 def test_router_size_with_self_routing(run_dir):
-    result = analyze_router_size(run_dir, [("same routers", run_dir)], RouterSizeConfig(max_seqs=EVAL_SEQS,
+    result = analyze_router_size(run_dir, [("same routers", run_dir)], ScoreSettings(max_seqs=EVAL_SEQS,
                                                                                          device="cpu"))
     assert result["runs"][0].endswith(" router") and result["runs"][1] == "same routers"
     routed = [r for r in result["rows"] if r["routing"] == "routers"]

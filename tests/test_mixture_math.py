@@ -188,15 +188,15 @@ def test_unknown_config_spec():
 
 def test_run_presets_are_yaml_recipes_a_user_can_copy(tmp_path, capsys):
     from smalltalk.cli import main
-    from smalltalk.run.config import RECIPES
+    from smalltalk.run.config import PRESETS_DIR
 
-    assert sorted(RUN_PRESETS) == sorted(p.stem for p in RECIPES.glob("*.yaml")) and "tiny" in RUN_PRESETS
+    assert sorted(RUN_PRESETS) == sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) and "tiny" in RUN_PRESETS
     assert main(["run", "--list-presets"]) == 0
     out = capsys.readouterr().out
-    assert all(f"{name}: " in out for name in RUN_PRESETS) and str(RECIPES) in out
+    assert all(f"{name}: " in out for name in RUN_PRESETS) and str(PRESETS_DIR) in out
     # A copied recipe with one field changed is that preset with that override.
     mine = tmp_path / "mine.yaml"
-    mine.write_text((RECIPES / "cpu.yaml").read_text().replace("num_experts: 4", "num_experts: 8"))
+    mine.write_text((PRESETS_DIR / "cpu.yaml").read_text().replace("num_experts: 4", "num_experts: 8"))
     assert load_run_config(mine).to_dict() == run_preset("cpu", num_experts=8).to_dict()
 
 
@@ -207,3 +207,8 @@ def test_a_preset_name_with_the_number_of_experts_points_at_the_base_preset(caps
     assert "use preset 'cpu' with num_experts: 8" in capsys.readouterr().err
     with pytest.raises(SmallTalkError, match="use preset 'paper-335m' with num_experts: 4"):
         RunConfig.from_dict({"preset": "paper-335m-e4"})
+
+
+def test_a_preset_path_under_the_old_recipes_folder_names_the_new_one():
+    with pytest.raises(SmallTalkError, match="the run presets moved to .*presets/cpu.yaml .*--config cpu"):
+        load_run_config("src/smalltalk/recipes/cpu.yaml")

@@ -11,7 +11,7 @@ rest load on first use of a name.
 
 from . import run as _run_package  # noqa: F401  (the subpackage is bound first, so `smalltalk.run` stays the function below)
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 _API = {
     "Mixture": "api", "grow": "api", "shrink": "api",

@@ -3,7 +3,7 @@ the run's own EM mixture and dense model over routing prefix lengths, the table 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -13,16 +13,16 @@ from ..mixture.scores import SequenceScores, improvement_pct
 from ..routing import rule
 from .output import markdown_table, pct, pyplot, save_figure
 from .prefix_length import default_prefix_lens, router_context
-from .runs import RunView, ScoreSettings
+from .runs import PrefixSettings, RunView
 from .scores import check_lm_prefix_len, router_logp
 
 EM_LABEL = "EM routers (the run)"
 
 
 @dataclass
-class BaselineConfig(ScoreSettings):
-    prefix_lens: list[int] = field(default_factory=list)
-    """M-hat values to compare at (empty: 8, 16, 32, ... up to the context, plus M)."""
+class BaselineConfig(PrefixSettings):
+    """The prefix settings, plus the baseline partition's seed and whether to train its experts."""
+
     seed: int | None = None
     """Seed of the baseline's partition (None: the run's seed)."""
     train: bool = True

@@ -12,7 +12,6 @@ log-probs of prefix tokens 2..M-hat, no balancing; the chosen expert scores the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +21,7 @@ from ..errors import SmallTalkError
 from ..mixture.scores import improvement_pct
 from ..routing import rule
 from .output import markdown_table, pct, pyplot, save_figure, write_analysis
-from .runs import RunView, ScoreSettings, open_run
+from .runs import PrefixSettings, RunView, open_run
 from .scores import check_lm_prefix_len, router_logp
 
 NAME = "prefix-length"
@@ -37,12 +36,6 @@ def default_prefix_lens(train_prefix_len: int, context: int) -> list[int]:
     return sorted(set(lens + [train_prefix_len] if train_prefix_len <= context else lens))
 
 
-@dataclass
-class PrefixLengthConfig(ScoreSettings):
-    prefix_lens: list[int] = field(default_factory=list)
-    """M-hat values (empty: `default_prefix_lens`)."""
-
-
 def router_context(view: RunView) -> int:
     from ..model.io import read_model_config
 
@@ -52,7 +45,7 @@ def router_context(view: RunView) -> int:
     return min(cfg.max_seq_len, view.seq_len)
 
 
-def sweep_run(view: RunView, cfg: PrefixLengthConfig, log: Callable[[str], None] | None = None) -> dict:
+def sweep_run(view: RunView, cfg: PrefixSettings, log: Callable[[str], None] | None = None) -> dict:
     """One run's curve: {"label", "prefix_len", "dense_ppl", "rows": [{prefix_len, ppl, ...}]}."""
     context = router_context(view)
     lens = cfg.prefix_lens or default_prefix_lens(view.prefix_len, context)
@@ -74,11 +67,11 @@ def sweep_run(view: RunView, cfg: PrefixLengthConfig, log: Callable[[str], None]
             "dense_ppl": dense, "num_seqs": scores.num_seqs, "rows": rows}
 
 
-def analyze_prefix_length(run_dir: str | Path, cfg: PrefixLengthConfig | None = None,
+def analyze_prefix_length(run_dir: str | Path, cfg: PrefixSettings | None = None,
                           compare: Sequence[tuple[str | None, str | Path]] = (),
                           log: Callable[[str], None] | None = None) -> dict:
     """The curve of `run_dir` and of each (label, run_dir) in `compare`; writes ``<run>/analysis/prefix-length/``."""
-    cfg = cfg or PrefixLengthConfig()
+    cfg = cfg or PrefixSettings()
     main = open_run(run_dir)
     curves = [sweep_run(main, cfg, log)]
     for label, other in compare:

@@ -14,7 +14,6 @@ partition, route the test set by their own prefix log-likelihood instead of the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,11 +30,6 @@ from .runs import RunView, ScoreSettings, open_run
 from .scores import router_logp
 
 NAME = "router-size"
-
-
-@dataclass
-class RouterSizeConfig(ScoreSettings):
-    """Settings of the router-size comparison: only which sequences are scored."""
 
 
 def router_params(view: RunView) -> tuple[str, int]:
@@ -69,9 +63,9 @@ def pairwise(partitions: Sequence[np.ndarray]) -> dict[str, list[list[float]]]:
 
 
 def analyze_router_size(run_dir: str | Path, compare: Sequence[tuple[str | None, str | Path]] = (),
-                        cfg: RouterSizeConfig | None = None, log: Callable[[str], None] | None = None) -> dict:
+                        cfg: ScoreSettings | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Compare `run_dir` with the runs in `compare` ((label, dir) pairs); writes ``<run>/analysis/router-size/``."""
-    cfg = cfg or RouterSizeConfig()
+    cfg = cfg or ScoreSettings()
     views = [open_run(run_dir)] + [open_run(d) for _, d in compare]
     labels = [None] + [label for label, _ in compare]
     for v in views:

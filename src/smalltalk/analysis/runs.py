@@ -3,7 +3,7 @@ its config, its training partition, and its test scores (cached)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,14 @@ class ScoreSettings:
     """Evenly spaced subset of the split (0: all)."""
     batch_size: int = 16
     device: str = "auto"
+
+
+@dataclass
+class PrefixSettings(ScoreSettings):
+    """Which sequences, and at which routing prefix lengths M-hat (the prefix-length and baseline analyses)."""
+
+    prefix_lens: list[int] = field(default_factory=list)
+    """M-hat values (empty: `prefix_length.default_prefix_lens`: 8, 16, 32, ... up to the context, plus M)."""
 
 
 @dataclass

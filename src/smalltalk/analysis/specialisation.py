@@ -9,7 +9,6 @@ on the test routing. Domain labels are used here only; routing never reads them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,11 +23,6 @@ from .scores import router_logp
 
 NAME = "specialisation"
 TOP_DOMAINS = 3
-
-
-@dataclass
-class SpecialisationConfig(ScoreSettings):
-    """Settings of the specialisation analysis: only which sequences are scored."""
 
 
 def domain_table(assignment: np.ndarray, domains: np.ndarray, num_experts: int, num_domains: int) -> np.ndarray:
@@ -89,12 +83,12 @@ def specialisation(scores: SequenceScores, test_routes: np.ndarray, train_assign
     }
 
 
-def analyze_specialisation(run_dir: str | Path, cfg: SpecialisationConfig | None = None,
+def analyze_specialisation(run_dir: str | Path, cfg: ScoreSettings | None = None,
                            log: Callable[[str], None] | None = None) -> dict:
     """Specialisation of a finished run's experts; writes ``<run>/analysis/specialisation/``."""
     from ..data.splits import load_split
 
-    cfg = cfg or SpecialisationConfig()
+    cfg = cfg or ScoreSettings()
     view = open_run(run_dir)
     scores = view.scores(cfg, log=log)
     M = view.prefix_len

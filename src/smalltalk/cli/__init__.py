@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smalltalk",
         description="Train and serve asynchronous mixtures of language models (SmallTalk LM).",
     )
-    from .. import __version__
+    from ..version import __version__
 
     parser.add_argument("--version", action="version", version=f"smalltalk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -87,13 +87,15 @@ def run(args: argparse.Namespace) -> int:
     if compare and args.analysis not in ("prefix-length", "router-size"):
         raise SmallTalkError(f"--compare is for prefix-length and router-size, not {args.analysis}")
     if args.analysis == "prefix-length":
-        from ..analysis.prefix_length import PrefixLengthConfig, analyze_prefix_length
+        from ..analysis.prefix_length import analyze_prefix_length
+        from ..analysis.runs import PrefixSettings
 
-        analyze_prefix_length(args.run, PrefixLengthConfig(prefix_lens=lens, **common), compare, log=log)
+        analyze_prefix_length(args.run, PrefixSettings(prefix_lens=lens, **common), compare, log=log)
     elif args.analysis == "router-size":
-        from ..analysis.router_size import RouterSizeConfig, analyze_router_size
+        from ..analysis.router_size import analyze_router_size
+        from ..analysis.runs import ScoreSettings
 
-        analyze_router_size(args.run, compare, RouterSizeConfig(**common), log=log)
+        analyze_router_size(args.run, compare, ScoreSettings(**common), log=log)
     elif args.analysis == "tfidf":
         from ..analysis.tfidf_baseline import TfidfBaselineConfig, analyze_tfidf
 
@@ -108,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
         analyze_random_shards(args.run, BaselineConfig(prefix_lens=lens, seed=args.seed, train=not args.no_train,
                                                        **common), log=log)
     else:
-        from ..analysis.specialisation import SpecialisationConfig, analyze_specialisation
+        from ..analysis.runs import ScoreSettings
+        from ..analysis.specialisation import analyze_specialisation
 
-        analyze_specialisation(args.run, SpecialisationConfig(**common), log=log)
+        analyze_specialisation(args.run, ScoreSettings(**common), log=log)
     from ..run.report import refresh_report
 
     out = analysis_dir(args.run, args.analysis)

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="run the whole pipeline (prepare ... report) from a preset or YAML config",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="run preset (tiny, cpu, cpu-small, cpu-medium, cpu-long, paper-335m: "
-                                                    "smalltalk/recipes/*.yaml) or a YAML/JSON file (default tiny)")
+                                                    "smalltalk/presets/*.yaml) or a YAML/JSON file (default tiny)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<config name>)")
     p.add_argument("--until", help="stop after this stage (prepare, routers, shard, experts, dense, bundle, evaluate, "
                                    "report)")
@@ -39,13 +39,13 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..run.config import RECIPES, RUN_PRESETS, load_run_config, run_preset
+    from ..run.config import PRESETS_DIR, RUN_PRESETS, load_run_config, run_preset
     from ..run.pipeline import run_pipeline
 
     if args.list_presets:
         for name in RUN_PRESETS:
             print(f"{name}: {run_preset(name).describe()}")
-        print(f"(one YAML file each in {RECIPES}: copy one, edit it, pass its path to --config)")
+        print(f"(one YAML file each in {PRESETS_DIR}: copy one, edit it, pass its path to --config)")
         return 0
     cfg = load_run_config(args.config, num_experts=args.num_experts, name=args.name, device=args.device)
     if args.print_config:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..errors import SmallTalkError
 from ..io import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temps
 from .encode import DocumentEncoder, document_pieces

@@ -218,7 +218,7 @@ def build_bundle(out: str | os.PathLike, *, router_dirs: Sequence[Path], expert_
                 shutil.copyfile(path, tmp / "manifests" / f"{name}.json")
         if run_config is not None:
             atomic_write_json(tmp / "run_config.json", run_config)
-        from .. import __version__
+        from ..version import __version__
 
         atomic_write_json(tmp / BUNDLE_FILE, {
             "format": FORMAT, "version": VERSION, "num_experts": E, "prefix_len": int(prefix_len),

@@ -95,7 +95,7 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
 
 
 def _producer() -> dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
 
     return {"smalltalk": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -259,8 +259,9 @@ class RunConfig:
                 f"{self.dense_train().max_steps} steps x batch {self.dense_train().batch_size}, lr {self.dense_train().lr:g}")
 
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-"""The run presets: one YAML file each (``smalltalk/recipes/<name>.yaml``), copyable as a starting point."""
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+"""The run presets: one YAML file each (``smalltalk/presets/<name>.yaml``), copyable as a starting point. (The
+repository's top-level ``recipes/`` holds scripts and example lm-eval tasks, not presets.)"""
 
 
 def _read_recipe(path: Path) -> dict:
@@ -273,7 +274,7 @@ def _read_recipe(path: Path) -> dict:
 
 
 RUN_PRESETS: dict[str, Any] = {p.stem: (lambda p=p: _read_recipe(p))  # tiny first, then by name
-                               for p in sorted(RECIPES.glob("*.yaml"), key=lambda p: (p.stem != "tiny", p.stem))}
+                               for p in sorted(PRESETS_DIR.glob("*.yaml"), key=lambda p: (p.stem != "tiny", p.stem))}
 
 
 def _e_variant_hint(name: str) -> str:
@@ -304,6 +305,10 @@ def load_run_config(spec: str | Path, **overrides) -> RunConfig:
     if str(spec) in RUN_PRESETS and not path.is_file():
         return run_preset(str(spec), **overrides)
     if not path.is_file():
+        moved = PRESETS_DIR / path.name
+        if "recipes" in path.parts and moved.is_file():  # the presets' folder was called recipes/ before
+            raise SmallTalkError(f"--config {spec}: the run presets moved to {moved} (use `--config {path.stem}`, or copy "
+                                 "that file)")
         raise SmallTalkError(f"--config {spec}: neither a run preset ({', '.join(RUN_PRESETS)}) nor a file"
                              + _e_variant_hint(str(spec)))
     text = path.read_text(encoding="utf-8")

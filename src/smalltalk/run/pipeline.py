@@ -19,7 +19,6 @@ For experts on separate machines, stop after sharding (``until="shard"``), run
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
