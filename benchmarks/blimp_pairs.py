@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from _results import write_results
-from smalltalk.evaluation.backend import EvalModels
+from smalltalk.evaluation.backend import open_models
+from smalltalk.mixture.models import Models
 from smalltalk.evaluation.scoring import make_windows, score_windows
 from smalltalk.evaluation.task_data import read_jsonl_gz, resolve_evals_dir
 from smalltalk.mixture.bundle import read_bundle
@@ -65,17 +66,17 @@ def accuracy(good: np.ndarray, bad: np.ndarray) -> tuple[float, float]:
     return acc, math.sqrt(acc * (1 - acc) / len(good))
 
 
-def paradigm_row(mix: EvalModels, dense: EvalModels, pairs: list[dict]) -> dict:
+def paradigm_row(mix: Models, dense: Models, pairs: list[dict]) -> dict:
     good_ids, bad_ids = pair_tokens(mix.mixture.encode, pairs)
-    dense_good, dense_bad = pair_tokens(lambda text: dense.tokenizer.encode(text).ids, pairs)
+    dense_good, dense_bad = pair_tokens(lambda text: dense.tokenizer.encode(text), pairs)
     routes_g = mix.mixture.route_ids(good_ids, mix.prefix_len)
     routes_b = mix.mixture.route_ids(bad_ids, mix.prefix_len)
     eg = np.array([r.expert for r in routes_g])
     eb = np.array([r.expert for r in routes_b])
     joint = np.array([r.scores for r in routes_g]) + np.array([r.scores for r in routes_b])  # (N, E)
     ej = joint.argmax(axis=1)
-    def under(models: EvalModels, e: int, ids: list[list[int]]) -> np.ndarray:
-        return sentence_logprobs(models.expert(e), models.eos_id, ids, models.max_length)
+    def under(models: Models, e: int, ids: list[list[int]]) -> np.ndarray:
+        return sentence_logprobs(models.expert(e), models.eos_id, ids, models.max_len)
 
     lp_g = np.stack([under(mix, e, good_ids) for e in range(mix.num_experts)], 1)  # (N, E)
     lp_b = np.stack([under(mix, e, bad_ids) for e in range(mix.num_experts)], 1)  # (N, E)
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     evals = resolve_evals_dir(args.evals)
     names = (args.paradigms.split(",") if args.paradigms
              else sorted(p.name[:-len(".jsonl.gz")] for p in (evals / "blimp").glob("*.jsonl.gz")))
-    mix = EvalModels.open(bundle=bundle, device="cpu", max_loaded_experts=read_bundle(bundle).num_experts)
-    dense = EvalModels.open(model=dense_dir, device="cpu")
+    mix = open_models(bundle=bundle, device="cpu", max_loaded_experts=read_bundle(bundle).num_experts)
+    dense = open_models(model=dense_dir, device="cpu")
     t0 = time.perf_counter()
     rows = {}
     for i, name in enumerate(names):

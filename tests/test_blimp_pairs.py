@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lm_eval import simple_evaluate  # noqa: E402
 
-from smalltalk.evaluation.backend import EvalModels  # noqa: E402
+from smalltalk.evaluation.backend import open_models
+from smalltalk.mixture.models import Models  # noqa: E402
 from smalltalk.evaluation.downstream import task_manager  # noqa: E402
 from smalltalk.evaluation.lm_eval_model import SmallTalkLM  # noqa: E402
 from smalltalk.evaluation.task_data import read_jsonl_gz, resolve_evals_dir  # noqa: E402
@@ -48,11 +49,11 @@ def lm_eval_mixture(tiny_mixture) -> tuple[float, np.ndarray]:
 def test_sentences_scored_as_lm_eval_scores_them(blimp_pairs, tiny_mixture, lm_eval_mixture):
     """Same tokens, same routing, same expert: the same log-likelihood for every sentence."""
     pairs = read_jsonl_gz(resolve_evals_dir() / "blimp" / f"{PARADIGM}.jsonl.gz", ())[:PAIRS]
-    mix = EvalModels.open(bundle=tiny_mixture["bundle"], device="cpu", max_loaded_experts=2)
+    mix = open_models(bundle=tiny_mixture["bundle"], device="cpu", max_loaded_experts=2)
     ours = []
     for ids in blimp_pairs.pair_tokens(mix.mixture.encode, pairs):  # good, then bad
-        experts = np.array(mix.route(ids))
-        logp = np.stack([blimp_pairs.sentence_logprobs(mix.expert(e), mix.eos_id, ids, mix.max_length)
+        experts = np.array([r.expert for r in mix.route(ids)])
+        logp = np.stack([blimp_pairs.sentence_logprobs(mix.expert(e), mix.eos_id, ids, mix.max_len)
                          for e in range(mix.num_experts)], 1)  # (PAIRS, E)
         ours.append(logp[np.arange(PAIRS), experts])
     _, theirs = lm_eval_mixture

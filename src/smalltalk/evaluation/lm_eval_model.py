@@ -55,7 +55,7 @@ from ..progress import progress
 
 from ..errors import SmallTalkError
 from ..model.generate import decode, encode, generate_batch
-from .backend import EvalModels
+from .backend import open_models
 from .scoring import make_windows, score_windows
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,10 @@ class SmallTalkLM(TemplateLM):
             if not (isinstance(value, int) and value >= 1):
                 raise SmallTalkError(f"{name}={value!r} must be a positive integer")
         self.max_gen_toks = max_gen_toks
-        self.models = EvalModels.open(bundle=bundle, model=model, prefix_len=prefix_len, device=device,
+        self.models = open_models(bundle=bundle, model=model, prefix_len=prefix_len, device=device,
                                       max_loaded_experts=max_loaded_experts)
         self._device = self.models.device
-        window = self.models.max_length
+        window = self.models.max_len
         if max_length is not None and not (isinstance(max_length, int) and 2 <= max_length <= window):
             raise SmallTalkError(f"max_length={max_length!r} must be an integer in [2, {window}] (the model's window)")
         self._max_length = max_length or window
@@ -148,7 +148,7 @@ class SmallTalkLM(TemplateLM):
     def _route(self, requests: list[Instance], sequences: list[list[int]]) -> list[int]:
         """Expert per request; identical routing sequences (the choices of one question) are routed once."""
         unique = list(dict.fromkeys(tuple(s) for s in sequences))
-        experts = dict(zip(unique, self.models.route([list(u) for u in unique])))
+        experts = dict(zip(unique, (r.expert for r in self.models.route([list(u) for u in unique]))))
         chosen = [experts[tuple(s)] for s in sequences]
         for req, e in zip(requests, chosen):
             self.routing_counts[req.task_name or "unknown"][e] += 1
