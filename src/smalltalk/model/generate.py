@@ -139,49 +139,82 @@ class BatchDecoder:
     rounding). The caller decides when a row is done (EOS, stop string, token budget, a client gone)
     and calls `finish(row)`; the row leaves the batch, with its cache, before the next step. Each row
     keeps its own context window: past `max_seq_len` it keeps its newest half and the cache is rebuilt.
+
+    Rows may also join between steps (`add`, continuous batching): a joining row is prefilled alone,
+    left-padded to the batch's width so its cache lines up with the others' (a prompt wider than the
+    batch re-pads every row and rebuilds the cache instead), and gets its first token in the same step.
     """
 
     def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling],
                  use_cache: bool = True):
-        if len(prompts) != len(sampling) or not prompts:
-            raise SmallTalkError("BatchDecoder: give one Sampling per prompt, and at least one prompt")
+        if len(prompts) != len(sampling):
+            raise SmallTalkError("BatchDecoder: give one Sampling per prompt")
         self.model, self.use_cache = model, use_cache
         self.max_len = model.config.max_seq_len
         self.device = next(model.parameters()).device
-        self.truncated = [len(p) > self.max_len for p in prompts]
-        self.prompts = [[int(t) for t in p][-self.max_len:] for p in prompts]
-        if any(not p for p in self.prompts):
-            raise SmallTalkError("BatchDecoder: every prompt needs at least one token (start from EOS)")
-        self.sampling = list(sampling)
-        self.generators = [torch.Generator(device=self.device).manual_seed(s.seed) if s.seed is not None else None
-                           for s in self.sampling]
-        self.windows = [list(p) for p in self.prompts]  # per row: the tokens the model sees, as if alone
-        self.active = list(range(len(prompts)))  # rows still decoding, in batch order
+        self.truncated: list[bool] = []
+        self.prompts: list[list[int]] = []
+        self.sampling: list[Sampling] = []
+        self.generators: list[torch.Generator | None] = []
+        self.windows: list[list[int]] = []  # per row: the tokens the model sees, as if alone
+        self.active: list[int] = []  # rows in the batch tensors, in batch order
+        self._joining: list[int] = []  # rows added since the last step, not yet prefilled
         self._finished: set[int] = set()
-        self._window, self._real = _pad_left(self.windows, self.device)  # (b, W) ids, (b, W) False on padding
+        self._window = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (b, W) ids, left-padded
+        self._real = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # (b, W) False on padding
         self._caches, self._cached = None, 0  # per-layer (k, v) of the active rows; window positions covered
         self._last: torch.Tensor | None = None  # (b,) the tokens of the last step, not yet in _window
+        for p, s in zip(prompts, sampling):
+            self.add(p, s)
+
+    def add(self, prompt: Sequence[int], sampling: Sampling) -> int:
+        """A new row (its index); it is prefilled and gets its first token at the next `step()`."""
+        ids = [int(t) for t in prompt][-self.max_len:]
+        if not ids:
+            raise SmallTalkError("BatchDecoder: every prompt needs at least one token (start from EOS)")
+        row = len(self.windows)
+        self.truncated.append(len(prompt) > self.max_len)
+        self.prompts.append(ids)
+        self.sampling.append(sampling)
+        self.generators.append(torch.Generator(device=self.device).manual_seed(sampling.seed)
+                               if sampling.seed is not None else None)
+        self.windows.append(list(ids))
+        self._joining.append(row)
+        return row
+
+    @property
+    def rows(self) -> list[int]:
+        """Rows that will take a token at the next step (decoding or joining, not finished)."""
+        return [b for b in self.active + self._joining if b not in self._finished]
 
     def finish(self, row: int) -> None:
         """Row `row` takes no more tokens; it leaves the batch before the next step."""
-        if row in self.active:
+        if row in self.active or row in self._joining:
             self._finished.add(row)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int, torch.Tensor]]:
         """One token for each active row: [(row, token id, logits (V,) it was drawn from)]."""
         self._advance()
-        if not self.active:
+        joining = [b for b in self._joining if b not in self._finished]
+        self._joining = []
+        if not self.active and not joining:
             return []
-        mask = None if bool(self._real.all()) else self._real
-        if self.use_cache:
-            logits, self._caches = self.model(self._window[:, self._cached:],
-                                              kv_caches=self._caches or [None] * self.model.config.num_layers,
-                                              start_pos=self._cached, attention_mask=mask, last_only=True)
-            self._cached = self._window.shape[1]
-        else:
-            logits = self.model(self._window, attention_mask=mask, last_only=True)
-        logits = logits[:, -1]  # (b, V)
+        if joining and (not self.use_cache or not self.active
+                        or max(len(self.windows[b]) for b in joining) > self._window.shape[1]):
+            # Too wide to line up with the batch (or nothing to line up with): re-pad every row.
+            self.active += joining
+            self._window, self._real = _pad_left([self.windows[b] for b in self.active], self.device)
+            self._caches, self._cached = None, 0
+            joining = []
+        logits = self._forward(self._window, self._real, self._cached)  # (b, V)
+        if joining:  # each new row alone, padded to the batch's width: its cache lines up with the others'
+            window, real = _pad_left([self.windows[b] for b in joining], self.device, width=self._window.shape[1])
+            new_logits, new_caches = self._prefill(window, real)
+            self._caches = [(torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(self._caches, new_caches)]
+            self._window, self._real = torch.cat([self._window, window]), torch.cat([self._real, real])
+            self.active += joining
+            logits = torch.cat([logits, new_logits])
         if not bool(torch.isfinite(logits).all()):
             raise SmallTalkError("the model produced NaN or infinite logits; its weights are damaged or it diverged")
         next_ids = self._sample(logits)  # (b,)
@@ -191,6 +224,23 @@ class BatchDecoder:
             self.windows[b].append(token)
             out.append((b, token, logits[i]))
         return out
+
+    def _forward(self, window: torch.Tensor, real: torch.Tensor, cached: int) -> torch.Tensor:
+        """Last-position logits (b, V) of the batch, feeding the positions the cache does not cover yet."""
+        mask = None if bool(real.all()) else real
+        if not self.use_cache:
+            return self.model(window, attention_mask=mask, last_only=True)[:, -1]
+        logits, self._caches = self.model(window[:, cached:],
+                                          kv_caches=self._caches or [None] * self.model.config.num_layers,
+                                          start_pos=cached, attention_mask=mask, last_only=True)
+        self._cached = window.shape[1]
+        return logits[:, -1]
+
+    def _prefill(self, window: torch.Tensor, real: torch.Tensor):
+        mask = None if bool(real.all()) else real
+        logits, caches = self.model(window, kv_caches=[None] * self.model.config.num_layers, start_pos=0,
+                                    attention_mask=mask, last_only=True)
+        return logits[:, -1], caches
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         rows = [self.sampling[b] for b in self.active]
@@ -226,9 +276,9 @@ class BatchDecoder:
             self._real = torch.cat([self._real, torch.ones_like(self._real[:, :1])], dim=1)
 
 
-def _pad_left(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (B, W) ids left-padded with 0, (B, W) bool True on real tokens."""
-    width = max(len(r) for r in rows)
+def _pad_left(rows: list[list[int]], device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, W) ids left-padded with 0, (B, W) bool True on real tokens (W: the longest, or `width`)."""
+    width = width or max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     real = torch.zeros(len(rows), width, dtype=torch.bool)
     for b, r in enumerate(rows):

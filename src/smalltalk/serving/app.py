@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..model.generate import Sampling, decode
 from .config import ServeConfig
 from .engine import Engine, Job
+from .events import Done, Failed, PromptLogprobs, Remote, Token
 from .metrics import Metrics
 from .models import ServedModels
 from .protocol import CHAT_STOP, APIError, ChatRequest, CompletionRequest, parse
@@ -95,7 +96,8 @@ class Server:
         return list(prompt)
 
     def make_job(self, i: int, prompt, req, expert: int | None, budget: int, stop: list[str],
-                 logprobs: int | None = None, echo: bool = False) -> Job:
+                 logprobs: int | None = None, echo: bool = False, choice: int = 0) -> Job:
+        """The job of choice `choice` of prompt `i`: with a seed, choice k samples with seed + k."""
         ids = self.prompt_ids(i, prompt)
         C = self.served.max_len
         seen = ids
@@ -106,47 +108,47 @@ class Server:
                                code="context_length_exceeded")
             seen = ids[-C:]
         sampling = Sampling(temperature=req.temperature, top_p=None if req.top_p >= 1 else req.top_p,
-                            seed=req.seed)
+                            seed=None if req.seed is None else req.seed + choice)
         return Job(route_ids=ids, ids=seen, max_tokens=budget, sampling=sampling, stop=stop, logprobs=logprobs,
-                   echo=echo, expert=expert, loop=asyncio.get_running_loop())
+                   echo=echo, expert=expert, loop=asyncio.get_running_loop(), choice=choice)
 
     async def start(self, job: Job):
         """Submit a job; its routing decision (raises the job's error)."""
         self.engine.submit(job)
         event = await job.events.get()
-        if event[0] == "error":
-            raise APIError(event[1], event[2], type="server_error" if event[1] >= 500 else "invalid_request_error")
-        return event[1]
+        if isinstance(event, Failed):
+            raise APIError(event.status, event.message,
+                           type="server_error" if event.status >= 500 else "invalid_request_error")
+        return event.route
 
     async def pieces(self, job: Job, forward: dict) -> AsyncIterator[Piece]:
         """The answer of a routed job, piece by piece (from the engine, or from a remote expert)."""
         tok = self.served.tokenizer
         while True:
             event = await job.events.get()
-            kind = event[0]
-            if kind == "remote":
+            if isinstance(event, Remote):
                 async for p in self._remote_pieces(job, forward):
                     yield p
                 return
-            if kind == "prompt":
-                entries = event[1]
+            if isinstance(event, PromptLogprobs):
+                entries = event.entries
                 yield Piece(text=decode(tok, job.ids), tokens=[e[0] for e in entries],
                             token_logprobs=[e[1] for e in entries], top_logprobs=[e[2] for e in entries])
-            elif kind == "token":
-                _, _, text, entry = event
-                p = Piece(text=text, completion_tokens=1)
-                if entry is not None:
+            elif isinstance(event, Token):
+                p = Piece(text=event.text, completion_tokens=1)
+                if event.logprob is not None:
+                    entry = event.logprob
                     p.tokens, p.token_logprobs, p.top_logprobs = [entry[0]], [entry[1]], [entry[2]]
                 yield p
-            elif kind == "done":
-                yield Piece(text=event[2], finish_reason=event[1], completion_tokens=event[3])
+            elif isinstance(event, Done):
+                yield Piece(text=event.text, finish_reason=event.finish_reason, completion_tokens=event.completion_tokens)
                 return
-            elif kind == "error":
-                raise APIError(event[1], event[2], type="server_error")
+            elif isinstance(event, Failed):
+                raise APIError(event.status, event.message, type="server_error")
 
     async def _remote_pieces(self, job: Job, forward: dict) -> AsyncIterator[Piece]:
         e = job.route.expert
-        body = {**forward, "prompt": job.ids}
+        body = {**forward, "prompt": job.ids, "seed": job.sampling.seed}
         if forward.get("stream"):
             async for chunk in self.remote.stream(e, body):
                 for choice in chunk.get("choices", []):
@@ -164,7 +166,9 @@ class Server:
         expert = self.resolve_model(req.model)
         budget = req.check(self.served.max_len, allow_zero_tokens=req.echo)
         logprobs, stop = req.check_logprobs(), req.stops()
-        jobs = [self.make_job(i, p, req, expert, budget, stop, logprobs, req.echo) for i, p in enumerate(req.prompts())]
+        # Choice index = prompt index x n + k, as the OpenAI API numbers them.
+        jobs = [self.make_job(i, p, req, expert, budget, stop, logprobs, req.echo, choice=k)
+                for i, p in enumerate(req.prompts()) for k in range(req.n)]
         for j in jobs:
             j.ignore_eos, j.stream = req.ignore_eos, req.stream
         forward = {"max_tokens": budget, "temperature": req.temperature, "top_p": req.top_p, "stop": stop or None,
@@ -180,8 +184,9 @@ class Server:
         prompt = req.render()
         budget = req.check(self.served.max_len)
         stop = req.stops() + list(CHAT_STOP)
-        jobs = [self.make_job(0, prompt, req, expert, budget, stop)]
-        jobs[0].stream = req.stream
+        jobs = [self.make_job(0, prompt, req, expert, budget, stop, choice=k) for k in range(req.n)]
+        for j in jobs:
+            j.stream = req.stream
         forward = {"max_tokens": budget, "temperature": req.temperature, "top_p": req.top_p, "stop": stop,
                    "seed": req.seed, "stream": req.stream}
         return await self.answer(jobs, forward, req, t0, "chat")
@@ -192,7 +197,7 @@ class Server:
         streaming = False
         try:
             routes = await asyncio.gather(*(self.start(j) for j in jobs))
-            self.metrics.tokens.labels(kind="prompt").inc(sum(len(j.ids) for j in jobs))
+            self.metrics.tokens.labels(kind="prompt").inc(sum(len(j.ids) for j in jobs if j.choice == 0))
             head = {"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                     "created": int(time.time()), "model": req.model or self.served.name}
             extra = {"routes": [self.route_info(i, r) for i, r in enumerate(routes)]}
@@ -242,7 +247,7 @@ class Server:
             else:
                 choices.append({"index": i, "text": a.text, "finish_reason": a.finish_reason,
                                 "logprobs": _logprobs_block(a) if jobs[i].logprobs is not None else None})
-        prompt_tokens = sum(len(j.ids) for j in jobs)
+        prompt_tokens = sum(len(j.ids) for j in jobs if j.choice == 0)
         completion = sum(a.completion_tokens for a in answers)
         return {**head, "object": "chat.completion" if endpoint == "chat" else "text_completion", "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -267,8 +272,8 @@ class Server:
         try:
             if endpoint == "chat":
                 yield _sse({**head, "object": obj, "smalltalk": extra,
-                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]})
+                            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None} for i in range(len(jobs))]})
             remaining, first = len(jobs), endpoint != "chat"
             while remaining:
                 i, item = await out.get()
@@ -292,7 +297,7 @@ class Server:
                     chunk["smalltalk"], first = extra, False
                 yield _sse(chunk)
             if include_usage:
-                prompt_tokens = sum(len(j.ids) for j in jobs)
+                prompt_tokens = sum(len(j.ids) for j in jobs if j.choice == 0)
                 yield _sse({**head, "object": obj, "choices": [],
                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                       "total_tokens": prompt_tokens + completion}})

@@ -1,23 +1,24 @@
-"""The inference loop of the server: one thread that routes and decodes for every request.
+"""The inference loop of the server: one thread that routes and decodes for every request, one token at a time.
 
-Requests arrive as `Job`s from the HTTP handlers (asyncio) and go back as events on each job's
-asyncio queue. The loop:
+Requests arrive as `Job`s from the HTTP handlers (asyncio) and go back as typed events (`events.py`) on each
+job's asyncio queue. Scheduling is per iteration (continuous batching, as vLLM, TGI and SGLang do):
 
-1. waits for a job, then `batch_window_ms` for company, and takes every job that has arrived;
-2. routes all of them together (one batched forward of the E routers, paper Eq. 4-8); a job whose
-   expert is remote gets its route and is done here (the handler forwards it);
-3. picks the expert whose oldest waiting job is oldest and decodes up to `max_batch_size` of its
-   jobs as one batch (`BatchDecoder`: each row masked as if alone, rows leave as they finish, each
-   with its own sampling settings, token budget and stop strings).
+1. take every job that has arrived (when nothing is decoding, wait `batch_window_ms` for company if requests
+   have been arriving together) and route them all at once (one batched forward of the E routers, paper
+   Eq. 4-8); a job whose expert is remote gets its route and is done here (the handler forwards it);
+2. let waiting jobs join their expert's batch while it has room (`max_batch_size` rows per expert); a joining
+   row is prefilled within the step below;
+3. step: every row of every expert gets one token (`ExpertBatch`: a `BatchDecoder` that rows join and leave
+   between steps, each with its own sampling settings, token budget and stop strings); a row that finishes
+   leaves at once and frees its KV cache.
 
-Jobs that arrive during a batch wait for the next one (dynamic batching). With batching off, jobs
-are routed and decoded one at a time, in arrival order. A job whose client went away is dropped at
-the next decoding step.
+So no request waits for another request's batch to finish: a short request that arrives while a long one
+decodes joins at the next step and leaves when it is done. With batching off, one row decodes at a time, in
+arrival order. A job whose client went away is dropped at the next step.
 
-Events, in order: ("route", Route), then either ("remote",) or [("prompt", entries)] ("token",
-id, text, logprob entry | None)* ("done", finish reason, remaining text, tokens not sent as events);
-or ("error", status, message) at any point. Token events are sent only to streaming requests and to
-requests that asked for logprobs; the others get their whole text with "done".
+Experts step one after another within an iteration, each as one batched forward of its rows: experts are
+separate small models with separate weights, and on CPU a stacked (vmapped) forward across experts of
+different row counts pads the smaller groups and measured no faster than per-expert forwards at these sizes.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import torch
 
 from ..errors import SmallTalkError
 from ..mixture.inference import Route
-from ..model.generate import BatchDecoder, Sampling
+from ..model.generate import REPLACEMENT, BatchDecoder, Sampling, decode
 from .config import ServeConfig
+from .events import Done, Event, Failed, PromptLogprobs, Remote, Routed, Token
 from .models import ServedModels
-from ..model.generate import REPLACEMENT, decode
 from .text import TextStream, prompt_logprobs, token_text, top_entries
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,95 @@ class Job:
     ignore_eos: bool = False
     stream: bool = False
     """The client reads tokens as they come (else it gets the text once, at the end)."""
+    choice: int = 0
+    """Which of the prompt's n choices this job is (its prompt tokens are counted once, with choice 0)."""
     cancelled: bool = False
-    route: object = None
+    route: Route | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
-    def emit(self, *event) -> None:
+    def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class _Row:
+    """A job decoding in its expert's batch."""
+
+    job: Job
+    stream: TextStream | None
+    """Per-token text: for streams, logprobs and stop strings; None when the text is decoded once at the end."""
+    ids: list[int] = field(default_factory=list)
+
+
+class ExpertBatch:
+    """The rows one expert is decoding: they join and leave between steps."""
+
+    def __init__(self, model, tokenizer, eos_id: int):
+        self.model, self.tok, self.eos_id = model, tokenizer, eos_id
+        self.decoder: BatchDecoder | None = None
+        self.rows: dict[int, _Row] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, job: Job) -> None:
+        if self.decoder is None:
+            self.decoder = BatchDecoder(self.model, [], [])
+        # Per-token work only where a client sees tokens (streams, logprobs) or a stop string must be watched;
+        # a plain request gets its text decoded once at the end.
+        stream = TextStream(self.tok, job.stop) if (job.stream or job.stop or job.logprobs is not None) else None
+        self.rows[self.decoder.add(job.ids or [self.eos_id], job.sampling)] = _Row(job, stream)
+
+    def step(self, metrics=None) -> None:
+        """One token for every row; emits the rows' events and drops the rows that are done."""
+        for b, token, logits in self.decoder.step():
+            row = self.rows[b]
+            j, stream = row.job, row.stream
+            if j.cancelled:  # the client went away: count what was generated, stop
+                self._leave(b, metrics)
+                continue
+            if token == self.eos_id and not j.ignore_eos:
+                self._done(b, "stop", metrics)
+                continue
+            row.ids.append(token)
+            if stream is not None:
+                text = stream.add(token)
+                if j.stream or j.logprobs is not None:
+                    entry = None
+                    if j.logprobs is not None:
+                        logp = torch.log_softmax(logits.float(), dim=-1)
+                        entry = (token_text(self.tok, token), float(logp[token]), top_entries(self.tok, logp, j.logprobs))
+                    j.emit(Token(token, text, entry))
+                if stream.stopped:
+                    self._done(b, "stop", metrics)
+                    continue
+            if len(row.ids) >= j.max_tokens:
+                self._done(b, "length", metrics)
+        if not self.rows:
+            self.decoder = None  # nothing left: the next row starts a fresh batch (and cache)
+
+    def _done(self, b: int, reason: str, metrics) -> None:
+        row = self.rows[b]
+        j, stream = row.job, row.stream
+        if stream is None:
+            j.emit(Done(reason, decode(self.tok, row.ids).rstrip(REPLACEMENT), len(row.ids)))
+        elif j.stream or j.logprobs is not None:
+            j.emit(Done(reason, stream.finish(), 0))
+        else:  # watched for stop strings only: the whole (cut) text at once
+            j.emit(Done(reason, stream.text.rstrip(REPLACEMENT), len(row.ids)))
+        self._leave(b, metrics)
+
+    def _leave(self, b: int, metrics) -> None:
+        self.decoder.finish(b)
+        if metrics:
+            metrics.tokens.labels(kind="completion").inc(len(self.rows[b].ids))
+        del self.rows[b]
+
+    def fail(self, status: int, message: str) -> None:
+        for row in self.rows.values():
+            row.job.emit(Failed(status, message))
+        self.rows.clear()
+        self.decoder = None
 
 
 class Engine:
@@ -75,6 +159,7 @@ class Engine:
         self.served, self.cfg, self.metrics = served, cfg, metrics
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.waiting: dict[int, deque[Job]] = {}
+        self.batches: dict[int, ExpertBatch] = {}
         self._thread = threading.Thread(target=self._run, name="smalltalk-engine", daemon=True)
         self._stopping = False
         self._alone = 0  # consecutive collections that found a single job
@@ -89,14 +174,18 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         if self._stopping:
-            job.emit("error", 503, "the server is shutting down")
+            job.emit(Failed(503, "the server is shutting down"))
             return
         self.inbox.put(job)
 
     @property
     def depth(self) -> int:
-        """Jobs not yet being decoded."""
+        """Jobs not yet decoding."""
         return self.inbox.qsize() + sum(len(q) for q in self.waiting.values())
+
+    @property
+    def decoding(self) -> int:
+        return sum(len(b) for b in self.batches.values())
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -106,35 +195,48 @@ class Engine:
         while not self._stopping:
             try:
                 self._admit(self._collect())
-                self._decode_next()
+                self._fill()
+                self._step()
             except Exception as e:  # a bug must not kill the loop: fail the jobs at hand, keep serving
                 log.exception("engine loop error")
+                message = f"internal error: {type(e).__name__}: {e}"
                 for q in self.waiting.values():
                     while q:
-                        q.popleft().emit("error", 500, f"internal error: {type(e).__name__}: {e}")
+                        q.popleft().emit(Failed(500, message))
+                for batch in self.batches.values():
+                    batch.fail(500, message)
+                self.batches.clear()
 
     def _collect(self) -> list[Job]:
         jobs: list[Job] = []
-        block = not any(self.waiting.values())
+        idle = not self.decoding and not any(self.waiting.values())
         try:
-            first = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            first = self.inbox.get(timeout=0.5) if idle else self.inbox.get_nowait()
         except queue.Empty:
             return jobs
         if first is None:
             return jobs
         jobs.append(first)
-        # Wait for company only when requests have been arriving together: a lone client (concurrency 1)
-        # would otherwise pay the window on every request.
-        if self.cfg.batching and not (self._alone >= 3 and self.inbox.empty()):
+        # Wait for company only when idle and requests have been arriving together: a lone client (concurrency
+        # 1) would otherwise pay the window on every request, and while decoding, new jobs join the next step.
+        if idle and self.cfg.batching and not (self._alone >= 3 and self.inbox.empty()):
             deadline = time.perf_counter() + self.cfg.batch_window_ms / 1000
-            while (remaining := deadline - time.perf_counter()) > 0 or not self.inbox.empty():
+            while (remaining := deadline - time.perf_counter()) > 0:
                 try:
-                    job = self.inbox.get(timeout=remaining) if remaining > 0 else self.inbox.get_nowait()
+                    job = self.inbox.get(timeout=remaining)
                 except queue.Empty:
                     break
                 if job is None:
-                    break
+                    return jobs
                 jobs.append(job)
+        while True:  # everything else that has arrived
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                break
+            jobs.append(job)
         self._alone = self._alone + 1 if len(jobs) == 1 else 0
         return jobs
 
@@ -147,7 +249,7 @@ class Engine:
                 routes = self.served.route([j.route_ids for j in to_route])
             except SmallTalkError as e:
                 for j in to_route:
-                    j.emit("error", 503, f"cannot route: {e}")
+                    j.emit(Failed(503, f"cannot route: {e}"))
                 jobs = [j for j in jobs if j.expert is not None]
                 routes = []
             if self.metrics:
@@ -158,88 +260,60 @@ class Engine:
             if j.route is None:  # the request named its expert
                 j.route = Route(j.expert, np.zeros(self.served.num_experts), 0, len(j.route_ids))
             e = j.route.expert
-            j.emit("route", j.route)
+            j.emit(Routed(j.route))
             if self.metrics:
                 self.metrics.expert_requests.labels(expert=str(e)).inc()
             if e in self.served.remote:
-                j.emit("remote")
+                j.emit(Remote())
             else:
                 self.waiting.setdefault(e, deque()).append(j)
 
-    def _decode_next(self) -> None:
+    def _fill(self) -> None:
+        """Waiting jobs join their expert's batch while it has room (with batching off: one row at a time)."""
         for q in self.waiting.values():
             while q and q[0].cancelled:
                 q.popleft()
-        ready = [(q[0].enqueued, e) for e, q in self.waiting.items() if q]
-        if not ready:
+        if not self.cfg.batching:
+            ready = [(q[0].enqueued, e) for e, q in self.waiting.items() if q]
+            if ready and not self.decoding:
+                self._join(min(ready)[1], 1)
             return
-        _, e = min(ready)
-        q = self.waiting[e]
-        size = self.cfg.max_batch_size if self.cfg.batching else 1
-        batch = [q.popleft() for _ in range(min(size, len(q)))]
-        if self.metrics:
-            self.metrics.batch_size.observe(len(batch))
-        try:
-            self._decode(e, batch)
-        except SmallTalkError as err:
-            for j in batch:
-                j.emit("error", 503, f"expert {e} is unavailable: {err}")
+        for e, q in self.waiting.items():
+            room = self.cfg.max_batch_size - len(self.batches.get(e, ()))
+            if q and room > 0:
+                self._join(e, min(room, len(q)))
 
     @torch.inference_mode()
-    def _decode(self, e: int, jobs: list[Job]) -> None:
-        served = self.served
-        tok = served.tokenizer
-        model = served.expert(e)
+    def _join(self, e: int, count: int) -> None:
+        q = self.waiting[e]
+        jobs = [q.popleft() for _ in range(count)]
+        try:
+            batch = self.batches.get(e)
+            if batch is None:
+                batch = ExpertBatch(self.served.expert(e), self.served.tokenizer, self.served.eos_id)
+        except SmallTalkError as err:
+            for j in jobs:
+                j.emit(Failed(503, f"expert {e} is unavailable: {err}"))
+            return
         for j in jobs:
             if j.echo:
-                entries = prompt_logprobs(model, tok, j.ids, j.logprobs or 0)
-                j.emit("prompt", [(token_text(tok, t), lp, top) for t, (lp, top) in zip(j.ids, entries)])
-        for j in jobs:
+                entries = prompt_logprobs(batch.model, batch.tok, j.ids, j.logprobs or 0)
+                j.emit(PromptLogprobs([(token_text(batch.tok, t), lp, top) for t, (lp, top) in zip(j.ids, entries)]))
             if j.max_tokens == 0:
-                j.emit("done", "length", "", 0)
-        jobs = [j for j in jobs if j.max_tokens > 0]
-        if not jobs:
-            return
-        decoder = BatchDecoder(model, [j.ids or [served.eos_id] for j in jobs], [j.sampling for j in jobs])
-        # Per-token work only where a client sees tokens (streams, logprobs) or a stop string must be watched;
-        # a plain request gets its text decoded once at the end.
-        streams = [TextStream(tok, j.stop) if (j.stream or j.stop or j.logprobs is not None) else None for j in jobs]
-        ids: list[list[int]] = [[] for _ in jobs]
+                j.emit(Done("length", "", 0))
+            else:
+                batch.add(j)
+        if len(batch):
+            self.batches[e] = batch
 
-        def done(b: int, reason: str) -> None:
-            decoder.finish(b)
-            j, stream = jobs[b], streams[b]
-            if stream is None:
-                j.emit("done", reason, decode(tok, ids[b]).rstrip(REPLACEMENT), len(ids[b]))
-            elif j.stream or j.logprobs is not None:
-                j.emit("done", reason, stream.finish(), 0)
-            else:  # watched for stop strings only: the whole (cut) text at once
-                j.emit("done", reason, stream.text.rstrip(REPLACEMENT), len(ids[b]))
+    @torch.inference_mode()
+    def _step(self) -> None:
+        for e, batch in list(self.batches.items()):
             if self.metrics:
-                self.metrics.tokens.labels(kind="completion").inc(len(ids[b]))
-
-        while decoder.active:
-            for b, token, logits in decoder.step():
-                j, stream = jobs[b], streams[b]
-                if j.cancelled:  # the client went away: count what was generated, stop
-                    decoder.finish(b)
-                    if self.metrics:
-                        self.metrics.tokens.labels(kind="completion").inc(len(ids[b]))
-                    continue
-                if token == served.eos_id and not j.ignore_eos:
-                    done(b, "stop")
-                    continue
-                ids[b].append(token)
-                if stream is not None:
-                    text = stream.add(token)
-                    if j.stream or j.logprobs is not None:
-                        entry = None
-                        if j.logprobs is not None:
-                            logp = torch.log_softmax(logits.float(), dim=-1)
-                            entry = (token_text(tok, token), float(logp[token]), top_entries(tok, logp, j.logprobs))
-                        j.emit("token", token, text, entry)
-                    if stream.stopped:
-                        done(b, "stop")
-                        continue
-                if len(ids[b]) >= j.max_tokens:
-                    done(b, "length")
+                self.metrics.batch_size.observe(len(batch))
+            try:
+                batch.step(self.metrics)
+            except SmallTalkError as err:  # e.g. NaN logits from damaged weights
+                batch.fail(503, f"expert {e} is unavailable: {err}")
+            if not len(batch):
+                del self.batches[e]

@@ -18,7 +18,7 @@ class Metrics:
                                        registry=r)
         self.routing_seconds = Histogram("smalltalk_routing_seconds", "Time to route one batch of prompts",
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("smalltalk_batch_size", "Prompts decoded together",
+        self.batch_size = Histogram("smalltalk_batch_size", "Rows advanced by one decode step of one expert",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.queue_depth = Gauge("smalltalk_queue_depth", "Prompts waiting to be routed or decoded", registry=r)
         self.active = Gauge("smalltalk_active_requests", "Requests being answered", registry=r)

@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 MAX_LOGPROBS = 20
 MAX_STOP = 4
+MAX_N = 8
+"""Most choices per prompt (`n`); each samples with its own generator (seed + its index)."""
 CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = ("\nUser:", "\nSystem:")
 
@@ -59,9 +61,8 @@ class _Request(BaseModel):
 
     def check(self, context: int, allow_zero_tokens: bool = False) -> int:
         """Validate the sampling fields; the token budget (max_tokens, default 16)."""
-        if self.n != 1:
-            raise APIError(400, f"n={self.n}: only n=1 is supported; send the prompt again for more samples",
-                           param="n")
+        if isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise APIError(400, f"n={self.n}: must be between 1 and {MAX_N} (choices per prompt)", param="n")
         if not self.temperature >= 0:
             raise APIError(400, f"temperature={self.temperature}: must be >= 0 (0 is greedy)", param="temperature")
         if not 0 < self.top_p <= 1:
