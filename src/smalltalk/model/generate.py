@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SmallTalkError
+from .stacked import StackedExperts
 from .transformer import Transformer
 
 # Special-token spellings tried, in order, when the tokenizer does not say its EOS id
@@ -150,8 +151,12 @@ class BatchDecoder:
         if len(prompts) != len(sampling):
             raise SmallTalkError("BatchDecoder: give one Sampling per prompt")
         self.model, self.use_cache = model, use_cache
+        self.stacked = isinstance(model, StackedExperts)  # rows of several experts, one forward per step
+        if self.stacked and not use_cache:
+            raise SmallTalkError("BatchDecoder: stacked experts decode with the KV cache")
         self.max_len = model.config.max_seq_len
-        self.device = next(model.parameters()).device
+        self.device = model.device if self.stacked else next(model.parameters()).device
+        self.experts: list[int] = []  # per row: its expert in a StackedExperts (0 otherwise)
         self.truncated: list[bool] = []
         self.prompts: list[list[int]] = []
         self.sampling: list[Sampling] = []
@@ -167,8 +172,9 @@ class BatchDecoder:
         for p, s in zip(prompts, sampling):
             self.add(p, s)
 
-    def add(self, prompt: Sequence[int], sampling: Sampling) -> int:
-        """A new row (its index); it is prefilled and gets its first token at the next `step()`."""
+    def add(self, prompt: Sequence[int], sampling: Sampling, expert: int = 0) -> int:
+        """A new row (its index); it is prefilled and gets its first token at the next `step()`. `expert`: the
+        row's expert when the model is a `StackedExperts`."""
         ids = [int(t) for t in prompt][-self.max_len:]
         if not ids:
             raise SmallTalkError("BatchDecoder: every prompt needs at least one token (start from EOS)")
@@ -179,6 +185,7 @@ class BatchDecoder:
         self.generators.append(torch.Generator(device=self.device).manual_seed(sampling.seed)
                                if sampling.seed is not None else None)
         self.windows.append(list(ids))
+        self.experts.append(int(expert))
         self._joining.append(row)
         return row
 
@@ -210,7 +217,7 @@ class BatchDecoder:
         logits = self._forward(self._window, self._real, self._cached)  # (b, V)
         if joining:  # each new row alone, padded to the batch's width: its cache lines up with the others'
             window, real = _pad_left([self.windows[b] for b in joining], self.device, width=self._window.shape[1])
-            new_logits, new_caches = self._prefill(window, real)
+            new_logits, new_caches = self._prefill(window, real, joining)
             self._caches = [(torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(self._caches, new_caches)]
             self._window, self._real = torch.cat([self._window, window]), torch.cat([self._real, real])
             self.active += joining
@@ -232,15 +239,21 @@ class BatchDecoder:
             return self.model(window, attention_mask=mask, last_only=True)[:, -1]
         logits, self._caches = self.model(window[:, cached:],
                                           kv_caches=self._caches or [None] * self.model.config.num_layers,
-                                          start_pos=cached, attention_mask=mask, last_only=True)
+                                          start_pos=cached, attention_mask=mask, last_only=True,
+                                          **self._experts_of(self.active))
         self._cached = window.shape[1]
         return logits[:, -1]
 
-    def _prefill(self, window: torch.Tensor, real: torch.Tensor):
+    def _prefill(self, window: torch.Tensor, real: torch.Tensor, rows: list[int]):
         mask = None if bool(real.all()) else real
         logits, caches = self.model(window, kv_caches=[None] * self.model.config.num_layers, start_pos=0,
-                                    attention_mask=mask, last_only=True)
+                                    attention_mask=mask, last_only=True, **self._experts_of(rows))
         return logits[:, -1], caches
+
+    def _experts_of(self, rows: list[int]) -> dict:
+        if not self.stacked:
+            return {}
+        return {"experts": torch.tensor([self.experts[b] for b in rows], dtype=torch.long, device=self.device)}
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         rows = [self.sampling[b] for b in self.active]

@@ -71,25 +71,33 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None):
         """x (B, T, H); kv_cache (k, v) each (B, A, S - T, D); mask (B, 1, T, S) bool, True = may attend."""
-        B, T, H = x.shape
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)
-        q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)  # each (B, A, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            past_k, past_v = kv_cache
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, A, S, D)
-        # With a cache, the T new queries attend to everything cached plus the causal part of
-        # themselves; is_causal with T == 1 is the same as no mask.
-        if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif kv_cache is None or T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=kv_cache is None or T > 1)
-        else:
-            S = k.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, H)
-        return self.dense(y), (k, v)
+        y, cache = attend(self.query_key_value(x), self.num_heads, cos, sin, kv_cache, mask)
+        return self.dense(y), cache
+
+
+def attend(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+           kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None):
+    """Attention between the fused QKV projection and the output projection: qkv (B, T, 3H) -> (B, T, H) and
+    the new cache (k, v) each (B, A, S, D). Shared by `Transformer` and `stacked.StackedExperts`."""
+    B, T, H3 = qkv.shape
+    H = H3 // 3
+    head_dim = H // num_heads
+    q, k, v = qkv.view(B, T, num_heads, 3 * head_dim).transpose(1, 2).chunk(3, dim=-1)  # each (B, A, T, D)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if kv_cache is not None:
+        past_k, past_v = kv_cache
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, A, S, D)
+    # With a cache, the T new queries attend to everything cached plus the causal part of
+    # themselves; is_causal with T == 1 is the same as no mask.
+    if mask is not None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    elif kv_cache is None or T == 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=kv_cache is None or T > 1)
+    else:
+        S = k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, T, H), (k, v)
 
 
 class MLP(nn.Module):
