@@ -120,6 +120,8 @@ def _build_section(kind: str, value: Any, presets: dict, cls) -> Any:
         if name not in presets:
             raise SmallTalkError(f"run config: {kind}.preset={name!r} is unknown; choose one of {', '.join(presets)}")
         base = presets[name]
+        if hasattr(cls, "from_dict"):  # the section's own reader: it drops keys its saved form derives
+            return cls.from_dict({**base.to_dict(), **value})
         check_known_keys(cls, value, f"run config: {kind}")
         return dataclasses.replace(base, **value)
     return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
@@ -235,8 +237,6 @@ class RunConfig:
         d = dict(d)
         base = d.pop("preset", None)
         check_known_keys(cls, d, "run config")
-        if "routers" in d and isinstance(d["routers"], dict):
-            d["routers"] = {k: v for k, v in d["routers"].items() if k != "num_seqs_resolved"}
         if base is None:
             return cls(**d)
         if base not in RUN_PRESETS:
