@@ -64,6 +64,16 @@ def test_readme_quickstart_runs(tmp_path, corpus_dir):
     _quickstart_numbers_match_the_readme(results)
     _serve_the_quickstart(tmp_path, env)
     _evaluate_own_text(tmp_path, env, corpus_dir)
+    _python_api(tmp_path, env)
+
+
+def _python_api(run_root: Path, env: dict) -> None:
+    """The README's Python API block, on the finished quickstart (its `smalltalk.run` finds every stage done)."""
+    block = re.search(r"## Python API.*?```python\n(.*?)```", README, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", block], cwd=run_root, env=env, capture_output=True, text=True,
+                          timeout=HANG_S)
+    assert proc.returncode == 0, f"the README's Python API block failed:\n{proc.stderr[-3000:]}"
+    assert "'ppl':" in proc.stdout, proc.stdout[-2000:]
 
 
 # A fresh quickstart reproduces the README's numbers to within this (thread counts and CPUs change float sums).
