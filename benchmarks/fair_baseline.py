@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lrs", default="0.01,0.005,0.02", help="peak learning rates of both sides (in run order)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-test", action="store_true", help="stop after the validation sweep")
+    ap.add_argument("--no-train", action="store_true",
+                    help="only summarize the points already finished (while a sweep runs elsewhere); implies --no-test")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -191,12 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     dense_batches = ints(args.dense_batches) or [E * b, 2 * b, b]
     expert_batches = ints(args.expert_batches) or [b, b // 2, b // 4]
     lrs = [float(x) for x in args.lrs.split(",") if x]
-    valid_routes(RunLayout(args.base_run), base)  # once, before the points link to it
+    if not args.no_train:
+        valid_routes(RunLayout(args.base_run), base)  # once, before the points link to it
     indices, routes = (np.load(RunLayout(args.base_run).valid_routes))
     rows = []
     for p in grid(base, dense_batches, expert_batches, lrs):
         run = args.out / p.name
         cached = run / "fair_baseline_point.json"
+        if not cached.is_file() and args.no_train:
+            continue
         if not cached.is_file():
             start = time.perf_counter()
             train_point(args.base_run, args.out, base, p, log)
@@ -211,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {"base_run": str(args.base_run), "base_config": base.to_dict(), "points": rows,
               "valid_seqs": int(len(indices)),
               "environment": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads}}
-    best = {side: min((r for r in rows if r["side"] == side), key=lambda r: r["valid_ppl"]) for side in ("dense", "mixture")}
+    best = {side: min((r for r in rows if r["side"] == side), key=lambda r: r["valid_ppl"])
+            for side in ("dense", "mixture") if any(r["side"] == side for r in rows)}
     report["best"] = best
-    if not args.no_test:
+    report["points_planned"] = len(grid(base, dense_batches, expert_batches, lrs))
+    if not (args.no_test or args.no_train):
         as_point = lambda r: Point(r["side"], r["batch_size"], r["max_steps"], r["lr"])  # noqa: E731
         protocol = {"mixture": Point("mixture", b, base.expert_train.max_steps, base.expert_train.lr),
                     "dense": Point("dense", E * b, base.expert_train.max_steps, base.expert_train.lr)}
@@ -243,8 +250,10 @@ def render(report: dict) -> str:
              f"Base run `{report['base_run']}`; every point trains on the same tokens (equal FLOPs); selected on "
              f"{report['valid_seqs']} validation sequences.", "",
              "| side | steps x batch | lr | valid ppl | train s |", "|---|---|---|---|---|"]
+    if len(report["points"]) < report.get("points_planned", 0):
+        lines[2] += f" **Partial: {len(report['points'])} of {report['points_planned']} points finished.**"
     for r in sorted(report["points"], key=lambda r: (r["side"], -r["batch_size"], r["lr"])):
-        mark = " **best**" if r == report["best"][r["side"]] else ""
+        mark = " **best**" if r == report["best"].get(r["side"]) else ""
         lines.append(f"| {r['side']} | {r['max_steps']} x {r['batch_size']} | {r['lr']:g} | {r['valid_ppl']:.3f}{mark} "
                      f"| {r['train_seconds']:.0f} |")
     if report.get("test"):
