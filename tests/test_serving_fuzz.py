@@ -83,38 +83,37 @@ def post(server, path: str, body) -> httpx.Response:
                       headers={"content-type": "application/json"}, timeout=120)
 
 
-@FUZZ
-@given(body=bodies(CompletionRequest, "prompt"))
-def test_completions_fuzz(server, body):
-    r = post(server, "/v1/completions", body)
+def answer(server, path: str, body: dict, chunk_type, response_type):
+    """The parsed 200 answer (None for an error or a stream, both checked here)."""
+    r = post(server, path, body)
     if r.status_code != 200:
         return check_error(r)
     if body.get("stream") is True:
         for chunk in sse_chunks(r.text):
-            if "error" in chunk:
-                continue  # a mid-stream error is sent as an error chunk (checked by the API tests)
-            Completion.model_validate(chunk)
-        return
-    completion = Completion.model_validate(r.json())
-    n = body.get("n", 1)
-    assert len(completion.choices) % n == 0 and [c.index for c in completion.choices] == list(range(len(completion.choices)))
-    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+            if "error" not in chunk:  # a mid-stream error is sent as an error chunk (checked by the API tests)
+                chunk_type.model_validate(chunk)
+        return None
+    return response_type.model_validate(r.json())
+
+
+@FUZZ
+@given(body=bodies(CompletionRequest, "prompt"))
+def test_completions_fuzz(server, body):
+    completion = answer(server, "/v1/completions", body, Completion, Completion)
+    if completion is not None:
+        n = body.get("n", 1)
+        assert len(completion.choices) % n == 0
+        assert [c.index for c in completion.choices] == list(range(len(completion.choices)))
+        assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
 
 
 @FUZZ
 @given(body=bodies(ChatRequest, "messages"))
 def test_chat_fuzz(server, body):
-    r = post(server, "/v1/chat/completions", body)
-    if r.status_code != 200:
-        return check_error(r)
-    if body.get("stream") is True:
-        for chunk in sse_chunks(r.text):
-            if "error" not in chunk:
-                ChatCompletionChunk.model_validate(chunk)
-        return
-    chat = ChatCompletion.model_validate(r.json())
-    assert len(chat.choices) == body.get("n", 1)
-    assert all(isinstance(c.message.content, str) for c in chat.choices)
+    chat = answer(server, "/v1/chat/completions", body, ChatCompletionChunk, ChatCompletion)
+    if chat is not None:
+        assert len(chat.choices) == body.get("n", 1)
+        assert all(isinstance(c.message.content, str) for c in chat.choices)
 
 
 @FUZZ

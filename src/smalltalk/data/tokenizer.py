@@ -143,7 +143,7 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
 
     path = Path(path)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        path = path / TOKENIZER_FILE
     if not path.is_file():
         raise SmallTalkError(f"{path}: tokenizer file not found; pass a tokenizer.json or omit --tokenizer to train one")
     raw = path.read_bytes()
@@ -207,7 +207,7 @@ def save_pretrained_tokenizer(tokenizer_json_path: str | Path, out_dir: str | Pa
         "split_special_tokens": True,
         "padding_side": "right",
     }
-    atomic_write_bytes(out_dir / "tokenizer.json", Path(tok.path).read_bytes())
+    atomic_write_bytes(out_dir / TOKENIZER_FILE, Path(tok.path).read_bytes())
     atomic_write_json(out_dir / "tokenizer_config.json", config)
     atomic_write_json(out_dir / "special_tokens_map.json", special)
     return out_dir
