@@ -26,7 +26,10 @@ def prompts(tiny_mixture, corpus_dir, text_domains):
     return [tok.encode(t[:n]) for t, n in zip([texts[0][0], texts[1][0], texts[2][0], texts[0][1]], (300, 90, 200, 40))]
 
 
-def test_each_row_gets_its_own_experts_logits(experts):
+@pytest.mark.parametrize("layout", ["rows gather their weights", "grouped by expert"])
+def test_each_row_gets_its_own_experts_logits(experts, layout, monkeypatch):
+    if layout == "grouped by expert":  # what large experts use: no per-row weight copies
+        monkeypatch.setattr("smalltalk.model.stacked.ROW_WEIGHTS_MAX", 0)
     stacked = StackedExperts(experts)
     gen = torch.Generator().manual_seed(0)
     B, T, V = 6, 20, experts[0].config.vocab_size

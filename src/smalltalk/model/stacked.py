@@ -3,18 +3,20 @@
 A decode step of a mixture has a few rows per expert; run as one forward per expert it pays the per-call
 overhead E times, which on small models costs more than the arithmetic (measured on the `cpu` experts,
 4 experts x 2 rows, one thread: 2.8 ms per step as 4 forwards, 0.43 ms for 8 rows through one model).
-Here every weight-bearing operation is a batched matmul over the experts' stacked weights: the rows are
-laid out as (experts, rows per expert) with padding, multiplied with their expert's weights by `bmm`, and
-put back in batch order; attention (`transformer.attend`), which has no weights, runs on the rows as they
-are. So one step costs about one forward, whatever the experts of its rows.
+Here every weight-bearing operation is one batched matmul. For small models each row gets its expert's
+weights gathered, (B, in, out) per linear layer, and keeps them while the batch's rows stay the same (the
+decode steps between joins and leaves), so a linear layer is a single `baddbmm`. When those copies would be
+large (over `ROW_WEIGHTS_MAX` elements), the rows are laid out as (experts, rows per expert) with padding and
+multiplied with the stacked weights (E, out, in) instead. Attention (`transformer.attend`), which has no
+weights, runs on the rows as they are. So one step costs about one forward, whatever the experts of its rows.
 
     stacked = StackedExperts([expert_0, expert_1, ...])      # same config; weights become views of the stack
     logits, caches = stacked(idx, experts=row_experts, kv_caches=..., start_pos=..., attention_mask=...)
 
 The forward takes the arguments of `Transformer.forward` for generation, plus `experts` (B,): the expert of
 each row. Row b's logits equal ``experts[row_experts[b]](idx[b:b+1], ...)`` up to float rounding (a test
-checks 1e-5). The experts' own modules keep working: their parameters are views into the stacked tensors,
-so no weight is held twice.
+checks 1e-5); when every row has the same expert, that expert's own forward runs. The experts' modules keep
+working: their parameters are views into the stacked tensors, so no weight is held twice.
 """
 
 from __future__ import annotations
@@ -29,6 +31,30 @@ from .transformer import Transformer, attend, padding_mask
 
 _LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 _NORMS = ("input_layernorm", "post_attention_layernorm")
+ROW_WEIGHTS_MAX = 8 * 2**20
+"""Most elements of the per-row weight copies of one batch (32 MB in fp32); past it, the grouped layout."""
+
+
+class _Rows:
+    """How a batch's rows reach their experts' weights: gathered per row, or through the grouped layout."""
+
+    def __init__(self, stacked: "StackedExperts", experts: torch.Tensor):
+        self.experts = experts
+        per_row = sum(t[0].numel() for t in stacked.params.values())
+        self.gathered: dict[str, torch.Tensor] | None = None
+        if per_row * len(experts) <= ROW_WEIGHTS_MAX:
+            # Linear weights transposed for bmm (B, in, out); biases and norms (B, 1, n); the head (B, H, V).
+            self.gathered = {name: (t[experts].transpose(1, 2).contiguous() if t.dim() == 3 else t[experts][:, None, :])
+                             for name, t in stacked.params.items() if not name.startswith("embed")}
+            self.gathered["head"] = stacked.head_t[experts]
+            return
+        counts = torch.bincount(experts, minlength=stacked.num_experts)
+        self.width = int(counts.max())  # rows per expert in the grouped layout
+        order = torch.argsort(experts, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(experts)
+        rank[order] = torch.arange(len(experts), device=experts.device) - starts[experts[order]]
+        self.slots = experts * self.width + rank  # (B,) each row's place in the (E, width) layout
 
 
 class StackedExperts:
@@ -48,37 +74,40 @@ class StackedExperts:
         self.rope_cos, self.rope_sin = models[0].rope_cos, models[0].rope_sin
         head = "embed_in.weight" if config.tie_embeddings else "embed_out.weight"
         self.head_t = self.params[head].transpose(1, 2)  # (E, H, V)
+        self._rows: _Rows | None = None
 
     @property
     def device(self) -> torch.device:
         return self.params["embed_in.weight"].device
 
-    def _slots(self, experts: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Each row's place in the (E, rows per expert) layout: (B,) flat slot indices, rows per expert."""
-        counts = torch.bincount(experts, minlength=self.num_experts)
-        width = int(counts.max())
-        order = torch.argsort(experts, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(experts)
-        rank[order] = torch.arange(len(experts), device=experts.device) - starts[experts[order]]
-        return experts * width + rank, width
+    def _rows_of(self, experts: torch.Tensor) -> _Rows:
+        if self._rows is None or not torch.equal(self._rows.experts, experts):
+            self._rows = _Rows(self, experts.clone())
+        return self._rows
 
-    def _linear(self, name: str, x: torch.Tensor, slots: torch.Tensor, width: int) -> torch.Tensor:
-        """x (B, T, in) -> (B, T, out), each row through its expert's weight (E, out, in) and bias (E, out)."""
-        weight, bias = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
+    def _grouped(self, rows: _Rows, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, in) through the stacked weight_t (E, in, out) [+ bias (E, out)] in the (E, width) layout."""
         B, T, n_in = x.shape
-        grouped = x.new_zeros(self.num_experts * width, T, n_in)
-        grouped[slots] = x
-        grouped = grouped.view(self.num_experts, width * T, n_in)
-        if bias is not None:
-            out = torch.baddbmm(bias[:, None, :], grouped, weight.transpose(1, 2))  # (E, width * T, out)
-        else:
-            out = torch.bmm(grouped, weight.transpose(1, 2))
-        return out.view(self.num_experts * width, T, -1)[slots]
+        grouped = x.new_zeros(self.num_experts * rows.width, T, n_in)
+        grouped[rows.slots] = x
+        grouped = grouped.view(self.num_experts, rows.width * T, n_in)
+        out = torch.baddbmm(bias[:, None, :], grouped, weight_t) if bias is not None else torch.bmm(grouped, weight_t)
+        return out.view(self.num_experts * rows.width, T, -1)[rows.slots]
 
-    def _norm(self, name: str, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.params[f"{name}.weight"][experts], self.params[f"{name}.bias"][experts]  # (B, H)
-        return F.layer_norm(x, x.shape[-1:], eps=self.config.layer_norm_eps) * weight[:, None] + bias[:, None]
+    def _linear(self, name: str, x: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        """x (B, T, in) -> (B, T, out), each row through its expert's weight and bias."""
+        if rows.gathered is not None:
+            g = rows.gathered
+            return torch.baddbmm(g[f"{name}.bias"], x, g[f"{name}.weight"])
+        return self._grouped(rows, x, self.params[f"{name}.weight"].transpose(1, 2), self.params[f"{name}.bias"])
+
+    def _norm(self, name: str, x: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        if rows.gathered is not None:
+            weight, bias = rows.gathered[f"{name}.weight"], rows.gathered[f"{name}.bias"]  # (B, 1, H)
+        else:
+            weight = self.params[f"{name}.weight"][rows.experts][:, None]
+            bias = self.params[f"{name}.bias"][rows.experts][:, None]
+        return F.layer_norm(x, x.shape[-1:], eps=self.config.layer_norm_eps) * weight + bias
 
     @torch.inference_mode()
     def __call__(self, idx: torch.Tensor, *, experts: torch.Tensor, kv_caches: list, start_pos: int = 0,
@@ -92,23 +121,22 @@ class StackedExperts:
         if bool((experts == experts[0]).all()):  # one expert: its own forward, no padding for the others
             return self.models[int(experts[0])](idx, kv_caches=kv_caches, start_pos=start_pos,
                                                 attention_mask=attention_mask, last_only=last_only)
-        slots, width = self._slots(experts)
+        rows = self._rows_of(experts)
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         mask = None if attention_mask is None else padding_mask(attention_mask, T)
         x = self.params["embed_in.weight"][experts[:, None], idx]  # (B, T, H)
         new_caches = []
         for i in range(self.config.num_layers):
             p = f"layers.{i}."
-            qkv = self._linear(p + _LINEARS[0], self._norm(p + _NORMS[0], x, experts), slots, width)
+            qkv = self._linear(p + _LINEARS[0], self._norm(p + _NORMS[0], x, rows), rows)
             y, cache = attend(qkv, self.config.num_heads, cos, sin, kv_caches[i], mask)
-            x = x + self._linear(p + _LINEARS[1], y, slots, width)
-            h = F.gelu(self._linear(p + _LINEARS[2], self._norm(p + _NORMS[1], x, experts), slots, width))
-            x = x + self._linear(p + _LINEARS[3], h, slots, width)
+            x = x + self._linear(p + _LINEARS[1], y, rows)
+            h = F.gelu(self._linear(p + _LINEARS[2], self._norm(p + _NORMS[1], x, rows), rows))
+            x = x + self._linear(p + _LINEARS[3], h, rows)
             new_caches.append(cache)
         if last_only:
             x = x[:, -1:]
-        x = self._norm("final_layer_norm", x, experts)
-        grouped = x.new_zeros(self.num_experts * width, x.shape[1], x.shape[2])
-        grouped[slots] = x
-        logits = torch.bmm(grouped.view(self.num_experts, -1, x.shape[2]), self.head_t)  # (E, width * T', V)
-        return logits.view(self.num_experts * width, x.shape[1], -1)[slots], new_caches
+        x = self._norm("final_layer_norm", x, rows)
+        if rows.gathered is not None:
+            return torch.bmm(x, rows.gathered["head"]), new_caches  # (B, T', V)
+        return self._grouped(rows, x, self.head_t, None), new_caches
