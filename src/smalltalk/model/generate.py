@@ -237,23 +237,28 @@ class BatchDecoder:
         mask = None if bool(real.all()) else real
         if not self.use_cache:
             return self.model(window, attention_mask=mask, last_only=True)[:, -1]
-        logits, self._caches = self.model(window[:, cached:],
-                                          kv_caches=self._caches or [None] * self.model.config.num_layers,
-                                          start_pos=cached, attention_mask=mask, last_only=True,
-                                          **self._experts_of(self.active))
+        model, kwargs = self._model_for(self.active)
+        logits, self._caches = model(window[:, cached:], kv_caches=self._caches or [None] * self.model.config.num_layers,
+                                     start_pos=cached, attention_mask=mask, last_only=True, **kwargs)
         self._cached = window.shape[1]
         return logits[:, -1]
 
     def _prefill(self, window: torch.Tensor, real: torch.Tensor, rows: list[int]):
         mask = None if bool(real.all()) else real
-        logits, caches = self.model(window, kv_caches=[None] * self.model.config.num_layers, start_pos=0,
-                                    attention_mask=mask, last_only=True, **self._experts_of(rows))
+        model, kwargs = self._model_for(rows)
+        logits, caches = model(window, kv_caches=[None] * self.model.config.num_layers, start_pos=0,
+                               attention_mask=mask, last_only=True, **kwargs)
         return logits[:, -1], caches
 
-    def _experts_of(self, rows: list[int]) -> dict:
+    def _model_for(self, rows: list[int]):
+        """(model, extra forward arguments) for `rows`: with stacked experts, the rows' experts, or the one expert's
+        own model when all rows have it (decided on the list, before any tensor is made: the common lone-row step)."""
         if not self.stacked:
-            return {}
-        return {"experts": torch.tensor([self.experts[b] for b in rows], dtype=torch.long, device=self.device)}
+            return self.model, {}
+        experts = [self.experts[b] for b in rows]
+        if all(e == experts[0] for e in experts):
+            return self.model.models[experts[0]], {}
+        return self.model, {"experts": torch.tensor(experts, dtype=torch.long, device=self.device)}
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         rows = [self.sampling[b] for b in self.active]

@@ -3,11 +3,11 @@
 A decode step of a mixture has a few rows per expert; run as one forward per expert it pays the per-call
 overhead E times, which on small models costs more than the arithmetic (measured on the `cpu` experts,
 4 experts x 2 rows, one thread: 2.8 ms per step as 4 forwards, 0.43 ms for 8 rows through one model).
-Here every weight-bearing operation is one batched matmul. For small models each row gets its expert's
-weights gathered, (B, in, out) per linear layer, and keeps them while the batch's rows stay the same (the
-decode steps between joins and leaves), so a linear layer is a single `baddbmm`. When those copies would be
-large (over `ROW_WEIGHTS_MAX` elements), the rows are laid out as (experts, rows per expert) with padding and
-multiplied with the stacked weights (E, out, in) instead. Attention (`transformer.attend`), which has no
+Here every weight-bearing operation is one batched matmul. A new set of rows is laid out as (experts, rows
+per expert) with padding and multiplied with the stacked weights (E, out, in); rows that stay together for
+another step (the decode steps between joins and leaves) gather their experts' weights, (B, in, out) per
+linear layer, so a linear layer is then a single `baddbmm` (unless those copies would pass `ROW_WEIGHTS_MAX`
+elements). Attention (`transformer.attend`), which has no
 weights, runs on the rows as they are. So one step costs about one forward, whatever the experts of its rows.
 
     stacked = StackedExperts([expert_0, expert_1, ...])      # same config; weights become views of the stack
@@ -38,15 +38,17 @@ ROW_WEIGHTS_MAX = 8 * 2**20
 class _Rows:
     """How a batch's rows reach their experts' weights: gathered per row, or through the grouped layout."""
 
-    def __init__(self, stacked: "StackedExperts", experts: torch.Tensor):
+    def __init__(self, stacked: "StackedExperts", experts: torch.Tensor, gather: bool):
         self.experts = experts
         per_row = sum(t[0].numel() for t in stacked.params.values())
         self.gathered: dict[str, torch.Tensor] | None = None
-        if per_row * len(experts) <= ROW_WEIGHTS_MAX:
+        if gather and per_row * len(experts) <= ROW_WEIGHTS_MAX:
             # Linear weights transposed for bmm (B, in, out); biases and norms (B, 1, n); the head (B, H, V).
             self.gathered = {name: (t[experts].transpose(1, 2).contiguous() if t.dim() == 3 else t[experts][:, None, :])
                              for name, t in stacked.params.items() if not name.startswith("embed")}
             self.gathered["head"] = stacked.head_t[experts]
+        self.tried_gather = gather
+        if self.gathered is not None:
             return
         counts = torch.bincount(experts, minlength=stacked.num_experts)
         self.width = int(counts.max())  # rows per expert in the grouped layout
@@ -81,8 +83,12 @@ class StackedExperts:
         return self.params["embed_in.weight"].device
 
     def _rows_of(self, experts: torch.Tensor) -> _Rows:
+        """A new set of rows starts in the grouped layout; rows that stay for a second step gather their weights
+        (under churn, rows joining and leaving every step, a gather per step would cost more than it saves)."""
         if self._rows is None or not torch.equal(self._rows.experts, experts):
-            self._rows = _Rows(self, experts.clone())
+            self._rows = _Rows(self, experts.clone(), gather=False)
+        elif self._rows.gathered is None and not self._rows.tried_gather:
+            self._rows = _Rows(self, self._rows.experts, gather=True)
         return self._rows
 
     def _grouped(self, rows: _Rows, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
