@@ -46,6 +46,9 @@ from .text import TextStream, prompt_logprobs, token_text, top_entries
 
 log = logging.getLogger(__name__)
 
+ROUTE_BATCH = 4
+"""Arrivals that are routed at once while rows decode (or fewer, once the oldest has waited batch_window_ms)."""
+
 
 @dataclass
 class Job:
@@ -172,6 +175,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="smalltalk-engine", daemon=True)
         self._stopping = False
         self._alone = 0  # consecutive collections that found a single job
+        self.unrouted: list[Job] = []  # arrived while decoding, waiting for company to be routed with
 
     def start(self) -> None:
         self._thread.start()
@@ -190,7 +194,7 @@ class Engine:
     @property
     def depth(self) -> int:
         """Jobs not yet decoding."""
-        return self.inbox.qsize() + sum(len(q) for q in self.waiting.values())
+        return self.inbox.qsize() + len(self.unrouted) + sum(len(q) for q in self.waiting.values())
 
     @property
     def decoding(self) -> int:
@@ -217,37 +221,52 @@ class Engine:
                 self.batches.clear()
 
     def _collect(self) -> list[Job]:
-        jobs: list[Job] = []
-        idle = not self.decoding and not any(self.waiting.values())
-        try:
-            first = self.inbox.get(timeout=0.5) if idle else self.inbox.get_nowait()
-        except queue.Empty:
-            return jobs
-        if first is None:
-            return jobs
-        jobs.append(first)
-        # Wait for company only when idle and requests have been arriving together: a lone client (concurrency
-        # 1) would otherwise pay the window on every request, and while decoding, new jobs join the next step.
-        if idle and self.cfg.batching and not (self._alone >= 3 and self.inbox.empty()):
-            deadline = time.perf_counter() + self.cfg.batch_window_ms / 1000
-            while (remaining := deadline - time.perf_counter()) > 0:
-                try:
-                    job = self.inbox.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if job is None:
-                    return jobs
-                jobs.append(job)
-        while True:  # everything else that has arrived
+        """Jobs to route now. While rows decode, arrivals are routed together once a few have gathered or the
+        oldest has waited `batch_window_ms`: under continuous arrivals (one every step or two at concurrency 32)
+        routing each alone would cost one router forward per request, several decode steps' worth."""
+        if self.decoding or any(self.waiting.values()):
+            self.unrouted += self._drain()
+            if self.unrouted and (len(self.unrouted) >= ROUTE_BATCH or not self.cfg.batching or
+                                  time.perf_counter() - self.unrouted[0].enqueued >= self.cfg.batch_window_ms / 1000):
+                jobs, self.unrouted = self.unrouted, []
+                return jobs
+            return []
+        jobs, self.unrouted = self.unrouted, []
+        if not jobs:  # idle: block for the next arrival
+            try:
+                first = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                return jobs
+            if first is None:
+                return jobs
+            jobs.append(first)
+            # Wait for company only when requests have been arriving together: a lone client (concurrency 1)
+            # would otherwise pay the window on every request.
+            if self.cfg.batching and not (self._alone >= 3 and self.inbox.empty()):
+                deadline = time.perf_counter() + self.cfg.batch_window_ms / 1000
+                while (remaining := deadline - time.perf_counter()) > 0:
+                    try:
+                        job = self.inbox.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        return jobs
+                    jobs.append(job)
+        jobs += self._drain()
+        self._alone = self._alone + 1 if len(jobs) == 1 else 0
+        return jobs
+
+    def _drain(self) -> list[Job]:
+        """Everything that has arrived, without waiting."""
+        jobs = []
+        while True:
             try:
                 job = self.inbox.get_nowait()
             except queue.Empty:
-                break
+                return jobs
             if job is None:
-                break
+                return jobs
             jobs.append(job)
-        self._alone = self._alone + 1 if len(jobs) == 1 else 0
-        return jobs
 
     def _admit(self, jobs: list[Job]) -> None:
         jobs = [j for j in jobs if not j.cancelled]
