@@ -135,3 +135,17 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_manifest(path: Path, fmt: str, what: str, fix: str, missing: str) -> dict:
+    """The JSON object at `path`, checked to be a manifest of format `fmt`; a missing file raises `missing`, a file
+    of another format names what it is not (`what`) and what to do (`fix`)."""
+    from .errors import SmallTalkError
+
+    if not path.is_file():
+        raise SmallTalkError(missing)
+    raw = read_json(path)
+    found = raw.get("format") if isinstance(raw, dict) else None
+    if found != fmt:
+        raise SmallTalkError(f"{path}: not {what} (format {found!r}); {fix}")
+    return raw

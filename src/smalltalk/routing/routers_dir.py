@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SmallTalkError
-from ..io import atomic_write_json, read_json
+from ..io import atomic_write_json, read_manifest
 from ..model.config import ModelConfig
 from ..model.io import sha256_file
 from .config import RouterEMConfig
@@ -66,14 +66,9 @@ def read_routers_manifest(directory: str | Path) -> RoutersManifest:
     """Read and check ``<directory>/manifest.json``; errors name the file and say what to do."""
     directory = Path(directory)
     path = directory / MANIFEST
-    if not path.is_file():
-        raise SmallTalkError(f"{directory}: no routers {MANIFEST} there; pass the routers/ directory written by a "
-                             "completed `smalltalk train-routers` run (RUN_DIR/routers)")
-    raw = read_json(path)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise SmallTalkError(f"{path}: not a routers manifest (format "
-                             f"{raw.get('format') if isinstance(raw, dict) else None!r}); pass the "
-                             "routers/ directory written by `smalltalk train-routers`")
+    raw = read_manifest(path, FORMAT, "a routers manifest", "pass the routers/ directory written by `smalltalk train-routers`",
+                        missing=f"{directory}: no routers {MANIFEST} there; pass the routers/ directory written by a "
+                                "completed `smalltalk train-routers` run (RUN_DIR/routers)")
     if raw.get("version") != VERSION:
         raise SmallTalkError(f"{path}: routers manifest version {raw.get('version')}, this smalltalk reads {VERSION}; "
                              "re-run `smalltalk train-routers`")

@@ -40,7 +40,7 @@ import torch
 from ..data.manifest import DataManifest, read_data_manifest, subset_split, write_subset_manifest
 from ..data.shards import ShardWriter
 from ..errors import SmallTalkError
-from ..io import atomic_open, atomic_write_json, read_json
+from ..io import atomic_open, atomic_write_json, read_json, read_manifest
 from ..model.io import sha256_file
 from .analysis import contingency
 from .assign import balanced_assignment, segment_sizes
@@ -83,13 +83,10 @@ def read_shards_manifest(directory: str | Path) -> ShardsManifest:
     """Read ``<directory>/manifest.json`` written by the shard stage; errors name the file and what to do."""
     directory = Path(directory)
     path = directory / SHARDS_MANIFEST
-    if not path.is_file():
-        raise SmallTalkError(f"{path}: not found; shard the data first (`smalltalk run --config ... --until shard` "
-                             "or `smalltalk shard`)")
-    raw = read_json(path)
-    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
-        raise SmallTalkError(f"{path}: not an expert-shards manifest (format {raw.get('format') if isinstance(raw, dict) else None!r}); "
-                             "pass the shards/ directory written by `smalltalk shard`")
+    raw = read_manifest(path, MANIFEST_FORMAT, "an expert-shards manifest",
+                        "pass the shards/ directory written by `smalltalk shard`",
+                        missing=f"{path}: not found; shard the data first (`smalltalk run --config ... --until shard` "
+                                "or `smalltalk shard`)")
     try:
         train = raw["splits"]["train"]
         routers = raw.get("routers") or {}
