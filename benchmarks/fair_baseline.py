@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     report = {"base_run": str(args.base_run), "base_config": base.to_dict(), "points": rows,
               "valid_seqs": int(len(indices)),
-              "environment": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads}}
+              "environment": {"machine": platform.machine(), "cpus": os.cpu_count(),
+                              "threads": None if args.no_train else args.threads}}
     best = {side: min((r for r in rows if r["side"] == side), key=lambda r: r["valid_ppl"])
             for side in ("dense", "mixture") if any(r["side"] == side for r in rows)}
     report["best"] = best
@@ -264,7 +265,9 @@ def render(report: dict) -> str:
             lines.append(f"| {name} | {t['mixture']} | {t['dense']} | {t['mixture_ppl']:.2f} | {t['dense_ppl']:.2f} "
                          f"| {t['improvement_pct']:+.2f}% | {t['training_flops_ratio']:.4f} |")
     env = report["environment"]
-    lines += ["", f"{env['cpus']} CPUs ({env['machine']}), {env['threads']} torch threads."]
+    threads = f", {env['threads']} torch threads" if env.get("threads") else " (threads: as the sweep's command)"
+    lines += ["", f"{env['cpus']} CPUs ({env['machine']}){threads}; each point's wall time was measured on a machine "
+              "shared with other jobs (its load average is in the JSON)."]
     return "\n".join(lines) + "\n"
 
 
