@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 import os
 import re
 import sys
@@ -62,8 +63,22 @@ class _Done:
         return self.value
 
 
+class _Pending:
+    """A batch encoding in a worker process."""
+
+    def __init__(self, future):
+        self.future = future
+
+    def get(self):
+        return self.future.result()
+
+
 class DocumentEncoder:
-    """Runs `_encode_batch` in a process pool (or in-process when num_workers <= 1), results in order."""
+    """Runs `_encode_batch` in a process pool (or in-process when num_workers <= 1), results in order.
+
+    The pool is a `concurrent.futures.ProcessPoolExecutor`: an interrupted run (Ctrl-C, an error) cancels the
+    batches not started and waits for the running ones, which `multiprocessing.Pool.terminate` could not always
+    do (it hung once, joining its handler threads after forked tokenizer workers had exited)."""
 
     def __init__(self, tokenizer: TextTokenizer, dtype: np.dtype, num_workers: int):
         self.pool = None
@@ -78,7 +93,8 @@ class DocumentEncoder:
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
-            self.pool = mp.get_context(method).Pool(num_workers, initializer=_worker_init, initargs=args)
+            self.pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context(method), initializer=_worker_init,
+                                            initargs=args)
         finally:
             if previous is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -88,15 +104,11 @@ class DocumentEncoder:
     def submit(self, texts: list[str], ends: list[bool]):
         if self.pool is None:
             return _Done(_encode_batch(texts, ends))
-        return self.pool.apply_async(_encode_batch, (texts, ends))
+        return _Pending(self.pool.submit(_encode_batch, texts, ends))
 
     def close(self, ok: bool) -> None:
         if self.pool is not None:
-            if ok:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=not ok)
             self.pool = None
 
 
