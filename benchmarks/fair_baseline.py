@@ -79,19 +79,13 @@ def grid(base: RunConfig, dense_batches: list[int], expert_batches: list[int], l
     return points
 
 
-def scaled_expert_train(base: RunConfig, batch: int, steps: int, lr: float):
-    t = base.expert_train
-    scale = steps / t.max_steps
-    return t.replace(batch_size=batch, max_steps=steps, lr=lr, warmup_steps=round(t.warmup_steps * scale),
-                     eval_every=round(t.eval_every * scale), checkpoint_every=max(1, round(t.checkpoint_every * scale)))
-
-
 def point_config(base: RunConfig, mixture: Point | None, dense: Point | None, name: str) -> RunConfig:
     """The base run's config with `mixture`'s expert training and `dense`'s dense training (None: the base's)."""
     d = base.to_dict()
     d["name"] = name
     if mixture is not None:
-        d["expert_train"] = scaled_expert_train(base, mixture.batch_size, mixture.max_steps, mixture.lr).to_dict()
+        d["expert_train"] = base.expert_train.rescaled(mixture.max_steps, batch_size=mixture.batch_size,
+                                                        lr=mixture.lr).to_dict()
     if dense is not None:
         d["dense"] = DenseSettings(batch_size=dense.batch_size, lr=dense.lr).to_dict()
     cfg = RunConfig.from_dict(d)

@@ -234,20 +234,20 @@ class BatchDecoder:
 
     def _forward(self, window: torch.Tensor, real: torch.Tensor, cached: int) -> torch.Tensor:
         """Last-position logits (b, V) of the batch, feeding the positions the cache does not cover yet."""
-        mask = None if bool(real.all()) else real
         if not self.use_cache:
-            return self.model(window, attention_mask=mask, last_only=True)[:, -1]
-        model, kwargs = self._model_for(self.active)
-        logits, self._caches = model(window[:, cached:], kv_caches=self._caches or [None] * self.model.config.num_layers,
-                                     start_pos=cached, attention_mask=mask, last_only=True, **kwargs)
+            return self.model(window, attention_mask=None if bool(real.all()) else real, last_only=True)[:, -1]
+        logits, self._caches = self._run(window[:, cached:], real, cached, self._caches, self.active)
         self._cached = window.shape[1]
-        return logits[:, -1]
+        return logits
 
     def _prefill(self, window: torch.Tensor, real: torch.Tensor, rows: list[int]):
-        mask = None if bool(real.all()) else real
+        """(last-position logits (b, V), caches) of new rows run from an empty cache."""
+        return self._run(window, real, 0, None, rows)
+
+    def _run(self, new: torch.Tensor, real: torch.Tensor, start: int, caches, rows: list[int]):
         model, kwargs = self._model_for(rows)
-        logits, caches = model(window, kv_caches=[None] * self.model.config.num_layers, start_pos=0,
-                               attention_mask=mask, last_only=True, **kwargs)
+        logits, caches = model(new, kv_caches=caches or [None] * self.model.config.num_layers, start_pos=start,
+                               attention_mask=None if bool(real.all()) else real, last_only=True, **kwargs)
         return logits[:, -1], caches
 
     def _model_for(self, rows: list[int]):

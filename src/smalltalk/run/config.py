@@ -91,11 +91,8 @@ class DenseSettings(DictConfig):
                 f"run config: dense batch_size x max_steps = {batch} x {steps} = {batch * steps} sequences, but the "
                 f"{num_experts} experts train on {num_experts} x {expert.batch_size} x {expert.max_steps} = {total}; "
                 f"the dense baseline must see as many tokens (equal FLOPs): choose a batch_size that divides {total}")
-        scale = steps / expert.max_steps
-        warmup = self.warmup_steps if self.warmup_steps is not None else round(expert.warmup_steps * scale)
-        return expert.replace(batch_size=batch, max_steps=steps, lr=self.lr if self.lr is not None else expert.lr,
-                              warmup_steps=warmup, eval_every=round(expert.eval_every * scale),
-                              checkpoint_every=max(1, round(expert.checkpoint_every * scale)) if expert.checkpoint_every else 0)
+        dense = expert.rescaled(steps, batch_size=batch, lr=self.lr if self.lr is not None else expert.lr)
+        return dense if self.warmup_steps is None else dense.replace(warmup_steps=self.warmup_steps)
 
 
 def _section(kind: str, value: Any, presets: dict, cls) -> Any:

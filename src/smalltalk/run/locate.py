@@ -40,7 +40,7 @@ class Located:
         if self.run is None:
             return None
         model = RunLayout(self.run).dense_model
-        return model if (model / CONFIG_FILE).is_file() else None
+        return model if is_model_dir(model) else None
 
     @property
     def data(self) -> Path | None:

@@ -105,6 +105,14 @@ class TrainConfig(DictConfig):
                                  f"({self.grad_accum}) x world size ({world_size}); change --batch-size")
         return self.batch_size // per_step
 
+    def rescaled(self, max_steps: int, **changes) -> "TrainConfig":
+        """The same training stretched or shrunk to `max_steps`: warm-up, validation and checkpoint cadence keep
+        their fraction of the run (a cadence of 0, never, stays 0); `changes` replace other fields."""
+        scale = max_steps / self.max_steps
+        every = lambda n: max(1, round(n * scale)) if n else 0  # noqa: E731
+        return self.replace(max_steps=max_steps, warmup_steps=round(self.warmup_steps * scale),
+                            eval_every=every(self.eval_every), checkpoint_every=every(self.checkpoint_every), **changes)
+
     def describe(self) -> str:
         prefix = "" if self.loss_prefix_len is None else f", loss on first {self.loss_prefix_len} tokens"
         return (f"{self.name}: {self.max_steps} steps x {self.batch_size} seqs, lr {self.lr:g} ({self.schedule}, "
