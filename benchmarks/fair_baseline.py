@@ -30,6 +30,7 @@ import dataclasses
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -156,8 +157,6 @@ def final_pair(base_run: Path, out: Path, base: RunConfig, name: str, mixture: P
     if RunLayout(run).config.is_file() and read_json(RunLayout(run).config) != cfg.to_dict():
         RunLayout(run).config.unlink()  # a re-selection: this directory only holds links and derived files
         for stale in ("bundle", "eval"):
-            import shutil
-
             shutil.rmtree(run / stale, ignore_errors=True)
     run_pipeline(cfg, run, log=log)
     return read_json(RunLayout(run).results)
