@@ -60,7 +60,7 @@ def test_sequential_parallel_and_separate_machines_agree(sharded_run, tiny_data,
     assert read_json(RunLayout(sep).expert(0) / "run.json")["step"] == 8
     lines: list[str] = []
     run_pipeline(fast_config(), sep, log=lines.append)
-    assert any("[4/8] experts: complete, skipped" in x for x in lines)
+    assert any("[5/9] experts: complete, skipped" in x for x in lines)
     assert (RunLayout(sep).expert(0) / "model" / "model.safetensors").read_bytes() == before
     assert RunLayout(sep).report.is_file()
 

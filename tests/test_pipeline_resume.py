@@ -25,7 +25,7 @@ def test_a_killed_run_resumes(sharded_run, tmp_path):
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if "[4/8] experts: running" in line:
+        if "[5/9] experts: running" in line:
             break
     deadline = time.time() + 60
     ckpts = RunLayout(run).expert(0) / "checkpoints"

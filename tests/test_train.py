@@ -56,6 +56,22 @@ def test_schedules_match_the_paper():
         (5e-4, 3000, 0.9, 0.99, 0.1, 0.1)
 
 
+def test_wsd_is_stable_then_decays_linearly_and_each_budget_shares_the_stable_phase():
+    wsd = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    assert wsd.decay_start == 88
+    assert lr_at(0, wsd) == pytest.approx(1e-4) and lr_at(10, wsd) == lr_at(87, wsd) == 1e-3
+    assert lr_at(98, wsd) == pytest.approx(1e-3 - 0.5 * 9e-4, rel=0.1)  # half-way down the decay
+    assert lr_at(109, wsd) == pytest.approx(1e-4) and lr_at(500, wsd) == pytest.approx(1e-4)
+    assert all(lr_at(i, wsd) >= lr_at(i + 1, wsd) for i in range(10, 120))
+    # A longer budget of the same run: identical through the shorter one's stable phase.
+    longer = wsd.replace(max_steps=220)
+    assert [lr_at(i, longer) for i in range(88)] == [lr_at(i, wsd) for i in range(88)]
+    assert wsd.to_dict()["decay_fraction"] == 0.2 and "decay_fraction" not in TrainConfig().to_dict()
+    assert TrainConfig.from_dict(wsd.to_dict()) == wsd and "wsd, decay from step 88" in wsd.describe()
+    with pytest.raises(SmallTalkError, match="decay_fraction=0 must be in"):
+        TrainConfig(schedule="wsd", decay_fraction=0)
+
+
 @pytest.mark.parametrize("changes, field", [
     ({"schedule": "linear"}, "schedule"), ({"batch_size": 10, "grad_accum": 4}, "grad_accum"),
     ({"lr": 0.0}, "lr"), ({"max_steps": 0}, "max_steps"), ({"loss_prefix_len": 1}, "loss_prefix_len"),

@@ -125,16 +125,19 @@ class MixtureFlops:
     """E routers on one M-token prefix (the routing decision at inference)."""
     dense_inference: int
     """Eq. 11: the dense model on one S-token sequence."""
+    seed_training: int = 0
+    """Split training: the shared dense seed the experts branch from (Eq. 10 for its steps; 0 for a pure mixture)."""
 
     @property
     def total_training(self) -> int:
-        """Eq. 12: everything the mixture costs to train."""
-        return self.routers_training + self.routers_sharding + self.experts_training + self.experts_sharding
+        """Eq. 12 (plus the seed, if any): everything the mixture costs to train."""
+        return (self.seed_training + self.routers_training + self.routers_sharding + self.experts_training
+                + self.experts_sharding)
 
     @property
     def training_overhead(self) -> int:
         """What routing adds on top of training the experts (Eq. 13 + 14 + 16): Table 3's "+ x"."""
-        return self.total_training - self.experts_training
+        return self.total_training - self.experts_training - self.seed_training
 
     @property
     def training_overhead_pct(self) -> float:

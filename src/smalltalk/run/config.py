@@ -21,7 +21,13 @@ at E x their batch, with their learning rate. A `dense:` section (`DenseSettings
 FLOPs instead: another (batch, steps) pair with the same tokens, its own learning rate::
 
     dense: {batch_size: 16, max_steps: 8000, lr: 0.005}   # 16 x 8000 = 4 experts x 64 x 500 sequences
- The saved form (`to_dict`, ``<run>/run_config.json``) is fully
+
+Split training (`seed_fraction: f`, `SplitPlan`): a dense *seed*, the dense baseline's own first f of its
+steps on the unrouted data, then each expert branches from it and trains the remaining 1 - f of its budget
+on its shard, continuing its schedule where the seed stopped (no re-warm-up). Tokens, hence FLOPs, stay
+equal to the dense model's; f = 0 is the pure mixture.
+
+The saved form (`to_dict`, ``<run>/run_config.json``) is fully
 resolved, so a run directory records exactly what it ran.
 
 `seed` fixes everything: router EM (assignments, router init), expert k's init and data order
@@ -31,6 +37,7 @@ resolved, so a run directory records exactly what it ran.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +100,32 @@ class DenseSettings(DictConfig):
                 f"the dense baseline must see as many tokens (equal FLOPs): choose a batch_size that divides {total}")
         dense = expert.rescaled(steps, batch_size=batch, lr=self.lr if self.lr is not None else expert.lr)
         return dense if self.warmup_steps is None else dense.replace(warmup_steps=self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Where split training branches: the seed is the dense run's first `seed_steps` steps (of its batch), and
+    each expert starts at its own step `expert_start`, so seed + experts see the dense model's tokens."""
+
+    fraction: float
+    seed_steps: int
+    expert_start: int
+
+    @staticmethod
+    def of(fraction: float, dense: TrainConfig, expert: TrainConfig, num_experts: int) -> "SplitPlan":
+        seed_steps = round(fraction * dense.max_steps)
+        seed_seqs = seed_steps * dense.batch_size
+        per_expert_step = num_experts * expert.batch_size
+        if abs(seed_steps - fraction * dense.max_steps) > 1e-6 * dense.max_steps or seed_seqs % per_expert_step:
+            grain = math.lcm(dense.batch_size, per_expert_step) // dense.batch_size  # seed steps per whole expert step
+            ok = [g / dense.max_steps for g in range(grain, dense.max_steps, grain)]
+            near = sorted(ok, key=lambda x: abs(x - fraction))[:3]
+            raise SmallTalkError(
+                f"run config: seed_fraction={fraction!r} does not split the budget into whole steps (dense "
+                f"{dense.max_steps} steps x batch {dense.batch_size}, experts {num_experts} x batch {expert.batch_size}); "
+                f"use a multiple of {grain}/{dense.max_steps}" + (f", e.g. {', '.join(f'{x:g}' for x in sorted(near))}"
+                                                                   if near else ""))
+        return SplitPlan(fraction, seed_steps, seed_seqs // per_expert_step)
 
 
 def _section(kind: str, value: Any, presets: dict, cls) -> Any:
@@ -159,6 +192,9 @@ class RunConfig:
     """Valid sequences routed to give each expert a validation segment (evenly spaced; 0: the whole split)."""
     dense: DenseSettings | dict = field(default_factory=DenseSettings)
     """How the dense baseline trains at equal FLOPs (`DenseSettings`; default: the paper's protocol)."""
+    seed_fraction: float = 0.0
+    """Split training: the share of the training budget spent on a dense seed the experts branch from (0: pure
+    mixture, every expert from scratch; see `SplitPlan`)."""
     dense_grad_accum: int = 1
     """Micro-steps of the dense baseline's E x batch (memory only; the optimization is the same)."""
     device: str = "auto"
@@ -204,8 +240,13 @@ class RunConfig:
         if any(m > self.prefix_len for m in self.eval.prefix_lens):
             raise SmallTalkError(f"run config: eval.prefix_lens={self.eval.prefix_lens} must be <= prefix_len="
                                  f"{self.prefix_len} (routers only score M tokens)")
-        # The dense batch must split into its micro-steps.
+        if not isinstance(self.seed_fraction, (int, float)) or isinstance(self.seed_fraction, bool) \
+                or not 0 <= self.seed_fraction < 1:
+            raise SmallTalkError(f"run config: seed_fraction={self.seed_fraction!r} must be a number in [0, 1) (0: "
+                                 "every expert from scratch; 0.5: half the budget on the shared dense seed)")
+        # The dense batch must split into its micro-steps, and the seed into whole steps.
         self.dense_train()
+        self.split()
 
     # -- derived ----------------------------------------------------------------------------------
 
@@ -218,12 +259,24 @@ class RunConfig:
         return self.dense.resolve(self.expert_train, self.num_experts).replace(
             grad_accum=self.dense_grad_accum, seed=self.seed, name=f"{self.name}-dense")
 
+    def split(self) -> SplitPlan | None:
+        """The seed and branch steps of split training (None when seed_fraction is 0)."""
+        if not self.seed_fraction:
+            return None
+        return SplitPlan.of(float(self.seed_fraction), self.dense_train(), self.expert_train, self.num_experts)
+
+    def seed_train(self) -> TrainConfig:
+        """The seed's TrainConfig: the dense baseline's, so the seed is the dense run's first steps."""
+        return self.dense_train().replace(name=f"{self.name}-seed")
+
     # -- (de)serialisation ------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
         data = self.data.to_dict() if hasattr(self.data, "to_dict") else dataclasses.asdict(self.data)
         # The paper's protocol is written as no `dense` key, so run directories started before it existed resume.
         dense = {} if self.dense.is_default() else {"dense": self.dense.to_dict()}
+        if self.seed_fraction:  # likewise: pure-mixture configs are saved as before split training existed
+            dense["seed_fraction"] = self.seed_fraction
         return {**dense, "name": self.name, "seed": self.seed, "num_experts": self.num_experts, "prefix_len": self.prefix_len,
                 "device": self.device, "domains": list(self.domains), "valid_seqs": self.valid_seqs, "dense_grad_accum": self.dense_grad_accum, "data": data,
                 "routers": self.routers.to_dict(), "expert_model": self.expert_model.to_dict(),
@@ -251,9 +304,12 @@ class RunConfig:
         return cls(**merged)
 
     def describe(self) -> str:
+        dense, split = self.dense_train(), self.split()
+        seed = (f"; split at f={split.fraction:g}: seed = dense steps 1-{split.seed_steps}, experts continue from "
+                f"step {split.expert_start}" if split else "")
         return (f"{self.name}: E={self.num_experts}, M={self.prefix_len}; routers {self.routers.describe()}; "
                 f"experts {self.expert_model.name} {self.expert_train.describe()}; dense "
-                f"{self.dense_train().max_steps} steps x batch {self.dense_train().batch_size}, lr {self.dense_train().lr:g}")
+                f"{dense.max_steps} steps x batch {dense.batch_size}, lr {dense.lr:g}{seed}")
 
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"

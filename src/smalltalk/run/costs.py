@@ -3,7 +3,9 @@
 Counts are the ones the run actually performed, put through the paper's formulas
 (`smalltalk.model.flops`):
 
-    Eq. 15  experts training   E x 3 x fwd(expert, B, S - 1) x expert_steps
+    Eq. 15  experts training   E x 3 x fwd(expert, B, S - 1) x (expert_steps - expert_start)
+            seed training      3 x fwd(expert, B_dense, S - 1) x seed_steps   (split training; experts start at
+                               step expert_start of their schedule, so seed + experts = the dense tokens)
     Eq. 13  routers training   E x 3 x fwd(router, B_r, M_r - 1) x router_steps   (M_r: tokens the routers train on)
     Eq. 14  routers sharding   (sequences scored during EM) x E routers x inf(router, M)
     Eq. 16  experts sharding   (sequences scored to shard the training data) x E routers x inf(router, M)
@@ -44,7 +46,7 @@ class RunCosts(MixtureFlops):
     def inference_overhead(self) -> int:
         return self.total_inference - self.dense_inference
 
-    _DICT_KEYS = ("num_experts", "experts_training", "routers_training", "routers_sharding", "experts_sharding",
+    _DICT_KEYS = ("num_experts", "seed_training", "experts_training", "routers_training", "routers_sharding", "experts_sharding",
                   "dense_training", "expert_inference", "routers_inference", "dense_inference",
                   "mixture_training", "training_overhead_pct", "mixture_inference", "inference_overhead_pct")
 
@@ -52,14 +54,16 @@ class RunCosts(MixtureFlops):
 def run_costs(*, expert_cfg: ModelConfig, router_cfg: ModelConfig, num_experts: int, seq_len: int, prefix_len: int,
               expert_steps: int, expert_batch_size: int, dense_steps: int, dense_batch_size: int,
               router_steps: int, router_batch_size: int, router_train_len: int, em_scored_seqs: int,
-              shard_scored_seqs: int, inference_prefix_len: int | None = None) -> RunCosts:
+              shard_scored_seqs: int, inference_prefix_len: int | None = None, seed_steps: int = 0,
+              expert_start: int = 0) -> RunCosts:
     """FLOPs of one run; see the module docstring for each term."""
     E = num_experts
     route_one = inference_flops(router_cfg, prefix_len)  # one router, one M-token prefix
     m_hat = prefix_len if inference_prefix_len is None else inference_prefix_len
     return RunCosts(
         num_experts=E,
-        experts_training=E * training_flops(expert_cfg, expert_steps, expert_batch_size, seq_len - 1),
+        seed_training=training_flops(expert_cfg, seed_steps, dense_batch_size, seq_len - 1) if seed_steps else 0,
+        experts_training=E * training_flops(expert_cfg, expert_steps - expert_start, expert_batch_size, seq_len - 1),
         routers_training=E * training_flops(router_cfg, router_steps, router_batch_size, router_train_len - 1)
         if router_steps else 0,
         routers_sharding=em_scored_seqs * E * route_one,
@@ -89,7 +93,8 @@ def costs_markdown(c: RunCosts) -> str:
         "| Mixture training term | FLOPs | % of dense |",
         "|---|---|---|",
     ]
-    for label, value in (("experts training (Eq. 15)", c.experts_training),
+    seed = (("dense seed, shared by the experts (Eq. 10)", c.seed_training),) if c.seed_training else ()
+    for label, value in (*seed, ("experts training (Eq. 15)", c.experts_training),
                          ("routers training (Eq. 13)", c.routers_training),
                          ("routers sharding during EM (Eq. 14)", c.routers_sharding),
                          ("experts data sharding (Eq. 16)", c.experts_sharding),

@@ -4,7 +4,8 @@ One model with the architecture of one expert, trained for the same number of st
 the expert batch on the whole training split, so it sees as many tokens as all E experts together
 and, FLOPs being linear in tokens for a fixed architecture, costs exactly the experts' training
 FLOPs (Eq. 10 vs Eq. 15). It does not depend on routers or shards: it can train as soon as the data
-is prepared, in ``<run>/dense/`` (resumable like any trainer run).
+is prepared, in ``<run>/dense/`` (resumable like any trainer run). With split training its first steps
+are the seed's (seed.py): it starts from the seed's checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..data.splits import load_split
 from ..train.layout import TrainerDir
 from .config import RunConfig
 from .layout import RunLayout, read_run_config
+from .seed import start_dense_from_seed
 
 
 def dense_done(layout: RunLayout) -> bool:
@@ -57,6 +59,8 @@ def _train_dense(layout: RunLayout, cfg: RunConfig, progress: bool | None, log) 
     if dense_done(layout):
         log(line)
         return read_json(TrainerDir(layout.dense).summary)
+    if start_dense_from_seed(layout, cfg):
+        log(f"dense: starts from the seed's checkpoint (its first {cfg.split().seed_steps} steps are the seed)")
     valid = load_split(layout.data, "valid")
     model_cfg = model_config_for_data(cfg.expert_model, train)
     train_cfg = cfg.dense_train()

@@ -39,6 +39,7 @@ from ..routing.sharding import ShardsManifest, read_shards_manifest
 from ..train.layout import TrainerDir
 from .config import RunConfig
 from .layout import RunLayout, read_run_config
+from .seed import branch_from_seed, check_seed_for_expert, read_seed, seed_done, seed_file
 
 
 class SubsetDataset:
@@ -89,17 +90,22 @@ PROVENANCE_FILE = "provenance.json"
 
 
 def shards_provenance(layout: RunLayout) -> dict:
-    """What an expert of this run consumed: the shards manifest, hence the routers and tokenizer behind them."""
+    """What an expert of this run consumed: the shards manifest, hence the routers and tokenizer behind them, and
+    (split training) the seed it branched from."""
     from ..model.io import sha256_file
 
     manifest = read_shards_manifest(layout.shards)
-    return {"shards_manifest_sha256": sha256_file(manifest.path),
-            "routers_weights_sha256": manifest.routers_weights_sha256,
-            "tokenizer_sha256": manifest.tokenizer_sha256}
+    record = {"shards_manifest_sha256": sha256_file(manifest.path),
+              "routers_weights_sha256": manifest.routers_weights_sha256,
+              "tokenizer_sha256": manifest.tokenizer_sha256}
+    if seed_done(layout):
+        seed = read_json(seed_file(layout))
+        record.update(seed_weights_sha256=seed["weights_sha256"], seed_step=seed["step"])
+    return record
 
 
 def check_expert_provenance(layout: RunLayout, k: int) -> None:
-    """Refuse expert k when it was trained on other shards than this run's current ones."""
+    """Refuse expert k when it was trained on other shards, or branched from another seed, than this run's."""
     path = layout.expert(k) / PROVENANCE_FILE
     if not path.is_file():
         return  # trained before provenance was recorded
@@ -108,6 +114,12 @@ def check_expert_provenance(layout: RunLayout, k: int) -> None:
         raise SmallTalkError(f"{path}: expert {k} was trained on other shards than {layout.shards_manifest} (routers "
                              f"{str(recorded.get('routers_weights_sha256'))[:40]}...); delete {layout.expert(k)} and "
                              "re-train it on this run's shards")
+    seed = recorded.get("seed_weights_sha256")
+    if seed is not None and seed != now.get("seed_weights_sha256"):
+        raise SmallTalkError(f"{path}: expert {k} branched from a seed with weights sha256 {seed[:12]} (step "
+                             f"{recorded.get('seed_step')}), but {seed_file(layout)} now holds "
+                             f"{str(now.get('seed_weights_sha256'))[:12]}; delete {layout.expert(k)} and re-train it "
+                             "from this run's seed")
 
 
 def check_expert_shard(layout: RunLayout, k: int) -> Path:
@@ -171,8 +183,10 @@ def train_expert(run_dir: str | Path, k: int, *, cfg: RunConfig | None = None, p
     cfg = cfg or read_run_config(run_dir)
     if not isinstance(k, int) or not 0 <= k < cfg.num_experts:
         raise SmallTalkError(f"--expert {k}: the run has experts 0..{cfg.num_experts - 1}")
-    check_shards(layout, cfg)  # refuse mismatched or missing shards before anything is written
+    check_shards(layout, cfg)  # refuse mismatched or missing shards (or seed) before anything is written
     check_expert_shard(layout, k)
+    if cfg.split() is not None:
+        read_seed(layout, cfg)
     with DirLock(layout.expert(k), f"training expert {k}", enabled=int(os.environ.get("RANK", "0")) == 0):
         return _train_expert(layout, k, cfg, progress, log)
 
@@ -192,11 +206,18 @@ def _train_expert(layout: RunLayout, k: int, cfg: RunConfig, progress: bool | No
     train = expert_shard(layout, k)
     split = load_split(layout.data, "train")
     model_cfg = model_config_for_data(cfg.expert_model, train)
+    plan = cfg.split()
+    if plan is not None:
+        check_seed_for_expert(layout, cfg, model_cfg.to_dict(), split.tokenizer_sha256)
     train_cfg = cfg.expert_train_config(k)
     valid = valid_segment(layout, cfg, k) if train_cfg.eval_every or train_cfg.eval_batches else None
     trainer = Trainer(model_cfg, train_cfg, train, layout.expert(k), valid_data=valid,
                       tokenizer_file=split.tokenizer_file, tokenizer_sha256=split.tokenizer_sha256, progress=progress)
+    resuming = trainer.step > 0
+    if plan is not None and not resuming:
+        branch_from_seed(trainer, layout, cfg)
     if trainer.dist.is_main:
-        log(f"expert {k}: {len(train)} training sequences, {model_cfg.describe()}; {train_cfg.describe()}"
-            + (f"; resuming at step {trainer.step}" if trainer.step else ""))
+        start = (f"; resuming at step {trainer.step}" if resuming else
+                 f"; branched from the seed, from step {trainer.step}" if plan is not None else "")
+        log(f"expert {k}: {len(train)} training sequences, {model_cfg.describe()}; {train_cfg.describe()}{start}")
     return trainer.train()

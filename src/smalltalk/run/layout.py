@@ -6,6 +6,7 @@
       data/                            `smalltalk prepare`: manifest.json, tokenizer.json, train/valid/test shards
       routers/                         router EM: router_{e}/ model dirs, manifest.json, em_log.jsonl
       shards/                          sharding: expert_{e}/train/shard_*.bin, manifest.json
+      seed/                            split training's dense seed (a trainer run stopped at its seed step), seed.json
       experts/expert_{k}/              expert k's trainer run: checkpoints/, metrics.jsonl, model/, run.json
       experts/valid_routes.npy         expert of each valid sequence (validation on own segment)
       dense/                           dense baseline's trainer run (same files)
@@ -74,6 +75,11 @@ class RunLayout:
 
     def expert_shard(self, k: int) -> Path:
         return expert_shard_dir(self.shards, k) / "train"
+
+    @property
+    def seed(self) -> Path:
+        """Split training's dense seed: a `TrainerDir` stopped at the seed step, with ``seed.json`` once complete."""
+        return self.root / "seed"
 
     def expert(self, k: int) -> Path:
         """Expert k's trainer run directory (a `TrainerDir`)."""

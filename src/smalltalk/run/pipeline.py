@@ -1,6 +1,8 @@
 """`smalltalk run`: the whole SmallTalk pipeline, stage by stage, resumable.
 
-    prepare -> routers (EM) -> shard -> experts -> dense -> bundle -> evaluate -> report
+    prepare -> routers (EM) -> shard -> seed -> experts -> dense -> bundle -> evaluate -> report
+
+(seed: split training only, `seed_fraction` > 0; see seed.py.)
 
 Each stage writes its output under the run directory (layout.py) and is *complete* when its
 manifest exists; complete stages are skipped, and an interrupted stage resumes from its own
@@ -41,8 +43,9 @@ from .config import RunConfig
 from .dense import dense_done, train_dense
 from .experts import check_expert_provenance, check_shards, expert_done, train_expert
 from .layout import RunLayout
+from .seed import seed_done, train_seed
 
-STAGES = ("prepare", "routers", "shard", "experts", "dense", "bundle", "evaluate", "report")
+STAGES = ("prepare", "routers", "shard", "seed", "experts", "dense", "bundle", "evaluate", "report")
 # Keys of the run config that may change between invocations on one run directory.
 _MUTABLE_KEYS = {"name", "device", "eval"}
 
@@ -116,6 +119,10 @@ def _shard(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
 
     shard_dataset(layout.data, layout.routers, layout.shards, splits=("train",),
                   batch_size=cfg.routers.score_batch_size, device=str(resolve_device(cfg.device)), log=ctx["log"])
+
+
+def _seed(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
+    train_seed(layout.root, cfg=cfg, progress=ctx["progress"], log=ctx["log"])
 
 
 def _experts(layout: RunLayout, cfg: RunConfig, ctx: dict) -> None:
@@ -207,6 +214,7 @@ DONE: dict[str, Callable[[RunLayout, RunConfig], bool]] = {
     "prepare": lambda L, c: is_prepared(L.data),
     "routers": lambda L, c: has_routers(L.routers),
     "shard": lambda L, c: L.shards_manifest.is_file(),
+    "seed": lambda L, c: c.split() is None or seed_done(L),
     "experts": lambda L, c: all(expert_done(L, k) for k in range(c.num_experts)),
     "dense": lambda L, c: dense_done(L),
     "bundle": lambda L, c: (L.bundle / "bundle.json").is_file(),
@@ -214,7 +222,7 @@ DONE: dict[str, Callable[[RunLayout, RunConfig], bool]] = {
     "report": lambda L, c: False,  # cheap: always re-rendered from the results
 }
 RUN: dict[str, Callable[[RunLayout, RunConfig, dict], None]] = {
-    "prepare": _prepare, "routers": _routers, "shard": _shard, "experts": _experts, "dense": _dense,
+    "prepare": _prepare, "routers": _routers, "shard": _shard, "seed": _seed, "experts": _experts, "dense": _dense,
     "bundle": _bundle, "evaluate": _evaluate, "report": _report,
 }
 
@@ -273,6 +281,9 @@ def _run_stages(layout: RunLayout, cfg: RunConfig, until: str | None, expert_wor
     log(f"run {layout.root}: {cfg.describe()}")
     for i, stage in enumerate(stages, 1):
         head = f"[{i}/{len(STAGES)}] {stage}"
+        if stage == "seed" and cfg.split() is None:
+            log(f"{head}: not used (seed_fraction 0: every expert starts from scratch)")
+            continue
         if DONE[stage](layout, cfg):
             log(f"{head}: complete, skipped")
             continue
@@ -299,7 +310,7 @@ def training_curves(layout: RunLayout, cfg: RunConfig, overhead_flops: int) -> d
     """Validation perplexity vs cumulative training FLOPs for the mixture and dense (Figure 2 style).
 
     The mixture's validation loss at a step is the experts' losses on their own valid segments,
-    weighted by segment size; its FLOPs are all experts' plus the routers' overhead (spent before).
+    weighted by segment size; its FLOPs are all experts' plus the routers' and the seed's (spent before).
     """
     routes = np.load(layout.valid_routes)[1] if layout.valid_routes.is_file() else None
     curves = {"mixture": [], "dense": []}
@@ -313,6 +324,9 @@ def training_curves(layout: RunLayout, cfg: RunConfig, overhead_flops: int) -> d
             curves["mixture"].append({"step": step, "flops": flops, "ppl": math.exp(loss)})
     for step, (loss, flops) in sorted(_val_curve(layout.dense).items()):
         curves["dense"].append({"step": step, "flops": flops, "ppl": math.exp(loss)})
+    if cfg.split() is not None:  # the shared seed's stretch of the curve (its FLOPs are in the overhead)
+        curves["seed"] = [{"step": step, "flops": flops, "ppl": math.exp(loss)}
+                          for step, (loss, flops) in sorted(_val_curve(layout.seed).items())]
     return curves
 
 
@@ -324,13 +338,14 @@ def run_costs_of(layout: RunLayout, cfg: RunConfig):
     shards = read_shards_manifest(layout.shards)
     em, iterations = routers.em, routers.iterations_completed
     S = data.seq_len
-    dense = cfg.dense_train()
+    dense, split = cfg.dense_train(), cfg.split()
     return run_costs(
         expert_cfg=cfg.expert_model.replace(vocab_size=data.vocab_size, max_seq_len=S),
         router_cfg=routers.router_model, num_experts=cfg.num_experts, seq_len=S,
         prefix_len=routers.prefix_len, expert_steps=cfg.expert_train.max_steps,
         expert_batch_size=cfg.expert_train.batch_size, dense_steps=dense.max_steps, dense_batch_size=dense.batch_size,
-        router_steps=em.steps_per_iteration * iterations,
+        router_steps=em.steps_per_iteration * iterations, seed_steps=split.seed_steps if split else 0,
+        expert_start=split.expert_start if split else 0,
         router_batch_size=em.batch_size, router_train_len=routers.prefix_len,
         em_scored_seqs=em.num_seqs * iterations,
         shard_scored_seqs=shards.train_num_seqs)

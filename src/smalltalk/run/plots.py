@@ -14,6 +14,7 @@ from ..io import atomic_open
 
 MIXTURE_COLOR = "#1f5fa8"
 DENSE_COLOR = "#d0672a"
+SEED_COLOR = "#6b6b6b"
 
 
 def _pyplot():
@@ -38,7 +39,7 @@ def plot_ppl_vs_flops(curves: dict, final: dict, path: Path, title: str = "") ->
     `final` {"mixture": (flops, test_ppl), "dense": (...)} (the test-set points)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, color in (("mixture", MIXTURE_COLOR), ("dense", DENSE_COLOR)):
+    for name, color in (("mixture", MIXTURE_COLOR), ("dense", DENSE_COLOR), ("seed", SEED_COLOR)):
         points = curves.get(name) or []
         if points:
             xs, ys = zip(*points)

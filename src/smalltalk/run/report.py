@@ -57,6 +57,24 @@ def _test_set(ev: dict) -> str:
             "in the run config, or run `smalltalk eval-mixture --run RUN`, to score them all)")
 
 
+def training_setup(results: dict) -> str:
+    """One sentence: how experts, seed and dense were trained, and which dense baseline this is."""
+    from .config import RunConfig
+
+    cfg = RunConfig.from_dict(results["config"])
+    t, d, split = cfg.expert_train, cfg.dense_train(), cfg.split()
+    which = ("the paper's protocol: the experts' steps at E times their batch, their learning rate"
+             if cfg.dense.is_default() else "a tuned configuration at equal tokens (the run config's `dense:` section)")
+    text = (f"Each expert trains {t.max_steps:,} steps x batch {t.batch_size} at lr {t.lr:g}; the dense baseline "
+            f"{d.max_steps:,} steps x batch {d.batch_size} at lr {d.lr:g} ({which}), so experts and dense see the "
+            "same number of tokens.")
+    if split:
+        text += (f" Split training (seed_fraction {split.fraction:g}): the experts branch from a dense seed, the dense "
+                 f"run's first {split.seed_steps:,} steps, and each trains its steps {split.expert_start + 1:,}-"
+                 f"{t.max_steps:,} on its shard; seed plus experts see the dense model's tokens.")
+    return text
+
+
 def render(results: dict, plots: dict[str, Path] | None = None, base: Path | None = None) -> str:
     """Markdown of the report; `plots` paths are written relative to `base`."""
     ev = results["eval"]
@@ -107,8 +125,7 @@ def render(results: dict, plots: dict[str, Path] | None = None, base: Path | Non
 
     out += ["## Cost (cf. Table 3)", "", costs_markdown(costs), "",
             "Training FLOPs count the steps actually run (Eq. 10, 13, 15) and the sequences actually scored by the "
-            "routers (Eq. 14, 16); the dense baseline trains for the same number of steps with E times the batch, "
-            "so experts and dense see the same number of tokens. Inference is per sequence of the context length "
+            f"routers (Eq. 14, 16). {training_setup(results)} Inference is per sequence of the context length "
             "(Eq. 11), the mixture adding E routers on the routing prefix.", ""]
 
     sweep = ev.get("prefix_sweep", [])

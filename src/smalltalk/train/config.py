@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ..config_dict import DictConfig, check_field_types
 from ..errors import SmallTalkError
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -28,7 +28,11 @@ class TrainConfig(DictConfig):
     """Linear warm-up from 0 to lr over this many optimizer steps."""
     schedule: str = "cosine"
     """"cosine": warm-up then cosine decay to the minimum at max_steps (experts, dense);
-    "constant": warm-up then constant lr (routers, paper App. A.1)."""
+    "constant": warm-up then constant lr (routers, paper App. A.1);
+    "wsd": warm-up, stable at lr, then a linear decay to lr * min_lr_ratio over the last decay_fraction of
+    max_steps (warm-up-stable-decay: every shorter budget is the stable run's checkpoint plus its own decay)."""
+    decay_fraction: float = 0.2
+    """"wsd" only: the share of max_steps spent decaying (saved only for that schedule)."""
     max_steps: int = 256_000
     """Optimizer steps in the whole run."""
     batch_size: int = 128
@@ -85,6 +89,8 @@ class TrainConfig(DictConfig):
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise SmallTalkError(f"train config: weight_decay={self.weight_decay}, grad_clip={self.grad_clip} must be "
                                  f">= 0 and eps={self.eps} > 0")
+        if not 0 < self.decay_fraction <= 1:
+            raise SmallTalkError(f"train config: decay_fraction={self.decay_fraction!r} must be in (0, 1]")
         if self.schedule not in SCHEDULES:
             raise SmallTalkError(f"train config: schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -96,6 +102,19 @@ class TrainConfig(DictConfig):
                                                  or self.loss_prefix_len < 2):
             raise SmallTalkError(f"train config: loss_prefix_len={self.loss_prefix_len!r} must be None or an "
                                  "integer >= 2 (one input token and one target)")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.schedule != "wsd":  # saved configs of the other schedules stay as they were
+            d.pop("decay_fraction")
+        return d
+
+    @property
+    def decay_start(self) -> int:
+        """First step of the "wsd" decay (max_steps for the other schedules: they have no stable phase)."""
+        if self.schedule != "wsd":
+            return self.max_steps
+        return max(self.warmup_steps, self.max_steps - round(self.decay_fraction * self.max_steps))
 
     def micro_batch_size(self, world_size: int = 1) -> int:
         """Sequences per forward pass on one rank."""
@@ -115,7 +134,8 @@ class TrainConfig(DictConfig):
 
     def describe(self) -> str:
         prefix = "" if self.loss_prefix_len is None else f", loss on first {self.loss_prefix_len} tokens"
-        return (f"{self.name}: {self.max_steps} steps x {self.batch_size} seqs, lr {self.lr:g} ({self.schedule}, "
+        schedule = f"wsd, decay from step {self.decay_start}" if self.schedule == "wsd" else self.schedule
+        return (f"{self.name}: {self.max_steps} steps x {self.batch_size} seqs, lr {self.lr:g} ({schedule}, "
                 f"warm-up {self.warmup_steps}), clip {self.grad_clip:g}, wd {self.weight_decay:g}{prefix}")
 
 

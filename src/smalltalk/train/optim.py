@@ -1,4 +1,4 @@
-"""AdamW with decay only on matrices, and the two learning-rate schedules of the paper (App. A.1).
+"""AdamW with decay only on matrices, the two learning-rate schedules of the paper (App. A.1) and WSD.
 
 The schedule is a pure function of the step, so resuming needs only the step number: no
 scheduler object whose hidden state could drift from the optimizer's.
@@ -42,15 +42,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based: the update that produces step + 1).
 
     Linear warm-up to cfg.lr over warmup_steps (the first update uses lr / warmup_steps, never 0),
-    then either constant or a cosine from cfg.lr down to cfg.lr * min_lr_ratio at max_steps.
+    then constant, a cosine from cfg.lr down to cfg.lr * min_lr_ratio at max_steps, or (wsd) constant until
+    cfg.decay_start and then linear down to that minimum at max_steps.
     """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        start = cfg.decay_start
+        if step < start:
+            return cfg.lr
+        progress = min(1.0, (step + 1 - start) / max(1, cfg.max_steps - start))  # the last update reaches min_lr
+        return cfg.lr + (min_lr - cfg.lr) * progress
     decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
