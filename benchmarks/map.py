@@ -82,9 +82,7 @@ class Plan:
 
     @property
     def params(self) -> int:
-        from smalltalk.model.transformer import Transformer
-
-        return sum(p.numel() for p in Transformer(self.model).parameters())
+        return self.model.num_params()
 
     def tokens_per_param(self, j: int) -> float:
         return self.total_seqs[j] * (self.seq_len - 1) / (self.num_experts * self.params)
@@ -302,14 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split(layout.data, "test").dataset
     v_idx, v_routes = split_routes(args.base_run, args.out, "valid", args.valid_seqs, base.prefix_len)
     lines = [Line(side, b, lr) for lr in lrs for side in ("dense", "mixture") for b in batches]
+    # Budget by budget, every line advanced to it: an interrupted map has compared its smaller budgets whole.
+    stops = {line: stops_of(plan, line, splits) for line in lines}
     points = []
-    for line in lines:
-        starts = [plan.train_config(line, j, 0, "").decay_start for j in range(len(budgets))]
-        dense_line = line.side == "dense"
-        seed_stops = [round(f * plan.steps(line, j)) for f in splits for j in range(len(budgets))] if dense_line else []
-        for k in ([None] if dense_line else range(E)):
-            run_line(plan, line, train if dense_line else shards[k], args.out, k, starts + seed_stops, log)
-        for j in range(len(budgets)):
+    for j in range(len(budgets)):
+        for line in lines:
+            starts, dense_line = stops[line][0], line.side == "dense"
+            due = [s for s in sorted(set(starts + stops[line][1])) if s <= starts[j]]
+            for k in ([None] if dense_line else range(E)):
+                run_line(plan, line, train if dense_line else shards[k], args.out, k, due, log)
             point_file = args.out / "budgets" / f"{j}" / line.name / "point.json"
             if not point_file.is_file():
                 models = []
@@ -325,10 +324,19 @@ def main(argv: list[str] | None = None) -> int:
                                                "steps": plan.steps(line, j), "loadavg_1m": round(os.getloadavg()[0], 2)})
             points.append(read_json(point_file))
             log(f"budget {j} ({plan.tokens_per_param(j):.1f} tok/param) {line.name}: valid ppl {points[-1]['valid_ppl']:.3f}")
-    report = evaluate_budgets(args, plan, base, points, splits, train, shards, test, log)
-    stem = args.name or f"map_{args.size}_e{E}"
-    write_results(RESULTS, stem, report, render(report))
+        # Each finished budget is compared (and written) before the next one starts.
+        report = evaluate_budgets(args, plan, base, points, splits, train, shards, test, log)
+        write_results(RESULTS, args.name or f"map_{args.size}_e{E}", report, render(report), show=j == len(budgets) - 1)
     return 0
+
+
+def stops_of(plan: Plan, line: Line, splits: list[float]) -> tuple[list[int], list[int]]:
+    """(decay start of each budget, split seeds): the steps at which a line keeps a checkpoint (seeds: dense
+    lines only)."""
+    starts = [plan.train_config(line, j, 0, "").decay_start for j in range(len(plan.budgets))]
+    seeds = [round(f * plan.steps(line, j)) for f in splits for j in range(len(plan.budgets))] \
+        if line.side == "dense" else []
+    return starts, seeds
 
 
 def evaluate_budgets(args, plan: Plan, base, points: list[dict], splits: list[float], train, shards, test, log) -> dict:
@@ -336,7 +344,7 @@ def evaluate_budgets(args, plan: Plan, base, points: list[dict], splits: list[fl
     E = plan.num_experts
     t_idx, t_routes = split_routes(args.base_run, args.out, "test", args.test_seqs, base.prefix_len)
     budgets = []
-    for j in range(len(plan.budgets)):
+    for j in sorted({p["budget"] for p in points}):
         here = [p for p in points if p["budget"] == j]
         best = {s: min((p for p in here if p["side"] == s), key=lambda p: p["valid_ppl"]) for s in ("dense", "mixture")}
         lines = {s: Line(best[s]["side"], best[s]["batch_size"], best[s]["lr"]) for s in best}

@@ -1,0 +1,206 @@
+"""The scaling law behind `smalltalk plan`: tuned dense, pure mixture and split training at equal FLOPs.
+
+Losses are per-token cross-entropy in nats (ppl = exp(loss)); N is one expert's (= the dense model's)
+parameter count, D the training tokens of the whole budget (the dense model's, all experts' together), E the
+number of experts, f the split training seed fraction.
+
+    dense     L_d(N, D)       = e + a N^-alpha + b D^-beta                         (Chinchilla form)
+    mixture   L_m(N, D, E)    = e - s_E ln E + a N^-alpha + b (D / E)^-beta
+    split     L_s(N, D, E, f) = e - phi_f s_E ln E + a N^-alpha + b (f D + (1 - f) D / E)^-beta
+
+Each expert sees a 1/E share of the tokens (the data term at D / E) but only its segment of the distribution,
+whose entropy is lower: s_E ln E is that specialisation gain, fitted per E from the mixture's measured points.
+So the mixture loses where the data term dominates (few tokens per parameter) and wins where it has flattened:
+the crossover. A split mixture's experts share a seed trained on f D tokens of all the data, so its data term
+sits between the two (the seed's tokens count fully, the branches' by 1/E, as in the follow-up work's
+pretrain-then-specialise law L(N, D, D')), and phi_f is the share of the specialisation gain that survives a
+seed fraction f (fitted per measured f; 1 when unmeasured, flagged).
+
+The dense constants are fitted by least squares on log-spaced exponent grids (exact linear least squares for
+e, a, b at each (alpha, beta)); s_E and phi_f in closed form given those. With fewer than five dense points
+(`--fit` on a user's own runs), only e is refitted (a shift for another corpus or tokenizer) and the shipped
+exponents kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import SmallTalkError
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured comparison: the tuned dense model and the mixture (pure when fraction is 0) at equal tokens."""
+
+    params: int
+    tokens: int
+    num_experts: int
+    dense_loss: float
+    mixture_loss: float
+    fraction: float = 0.0
+    source: str = ""
+
+
+@dataclass
+class Law:
+    e: float
+    a: float
+    alpha: float
+    b: float
+    beta: float
+    gain: dict[str, float] = field(default_factory=dict)
+    """s_E by str(E)."""
+    split: dict[str, float] = field(default_factory=dict)
+    """phi_f by str(f)."""
+    fitted_on: list[str] = field(default_factory=list)
+    rmse: dict[str, float] = field(default_factory=dict)
+
+    # -- predictions ------------------------------------------------------------------------------
+
+    def dense(self, N: float, D: float) -> float:
+        return self.e + self.a * N ** -self.alpha + self.b * D ** -self.beta
+
+    def gain_of(self, E: int) -> tuple[float, bool]:
+        """(s_E, measured?): an unmeasured E takes the nearest measured one's gain."""
+        if str(E) in self.gain:
+            return self.gain[str(E)], True
+        if not self.gain:
+            return 0.0, False
+        nearest = min(self.gain, key=lambda k: abs(math.log(int(k) / E)))
+        return self.gain[nearest], False
+
+    def mixture(self, N: float, D: float, E: int) -> float:
+        s, _ = self.gain_of(E)
+        return self.e - s * math.log(E) + self.a * N ** -self.alpha + self.b * (D / E) ** -self.beta
+
+    def split_loss(self, N: float, D: float, E: int, f: float) -> float:
+        s, _ = self.gain_of(E)
+        phi = self.split.get(_fkey(f), 1.0)
+        d_eff = f * D + (1 - f) * D / E
+        return self.e - phi * s * math.log(E) + self.a * N ** -self.alpha + self.b * d_eff ** -self.beta
+
+    def crossover(self, N: float, E: int) -> float | None:
+        """Tokens per expert parameter (D / (E N)) above which the pure mixture beats the dense model; None when it
+        never does, 0 when it always does (in 0.01 .. 1e6 tokens per parameter)."""
+        diff = lambda tpp: self.mixture(N, tpp * E * N, E) - self.dense(N, tpp * E * N)  # noqa: E731
+        lo, hi = math.log(1e-2), math.log(1e6)
+        if diff(math.exp(hi)) >= 0:
+            return None
+        if diff(math.exp(lo)) < 0:
+            return 0.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if diff(math.exp(mid)) >= 0 else (lo, mid)
+        return math.exp(hi)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Law":
+        return Law(**d)
+
+
+def _fkey(f: float) -> str:
+    return f"{f:g}"
+
+
+ALPHAS = np.exp(np.linspace(math.log(0.05), math.log(1.5), 60))
+
+
+def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(e, a, alpha, b, beta) minimising squared error, with a, b >= 0."""
+    best = None
+    for alpha in ALPHAS:
+        for beta in ALPHAS:
+            X = np.stack([np.ones_like(loss), N ** -alpha, D ** -beta], axis=1)
+            coef, *_ = np.linalg.lstsq(X, loss, rcond=None)
+            if coef[1] < 0 or coef[2] < 0:  # refit with the offending term dropped
+                keep = [0] + [i for i in (1, 2) if coef[i] >= 0]
+                sub, *_ = np.linalg.lstsq(X[:, keep], loss, rcond=None)
+                coef = np.zeros(3)
+                coef[keep] = sub
+            err = float(np.sum((X @ coef - loss) ** 2))
+            if best is None or err < best[0]:
+                best = (err, float(coef[0]), float(coef[1]), float(alpha), float(coef[2]), float(beta))
+    return best[1:]
+
+
+def fit(points: list[Point], base: Law | None = None) -> Law:
+    """The law fitted to `points` (see the module docstring); `base` supplies the exponents when there are too
+    few distinct dense points to fit them."""
+    if not points:
+        raise SmallTalkError("no measured points to fit the law on")
+    dense_pts = {(p.params, p.tokens): p.dense_loss for p in points}
+    N = np.array([k[0] for k in dense_pts], dtype=np.float64)
+    D = np.array([k[1] for k in dense_pts], dtype=np.float64)
+    y = np.array(list(dense_pts.values()), dtype=np.float64)
+    if len(dense_pts) >= 5:
+        e, a, alpha, b, beta = fit_dense(N, D, y)
+    elif base is not None:
+        shift = float(np.mean(y - np.array([base.dense(n, d) for n, d in zip(N, D)])))
+        e, a, alpha, b, beta = base.e + shift, base.a, base.alpha, base.b, base.beta
+    else:
+        raise SmallTalkError(f"{len(dense_pts)} distinct dense points: at least 5 (two sizes, several budgets) are "
+                             "needed to fit the exponents; give more runs or fit on top of the shipped law")
+    law = Law(e, a, alpha, b, beta)
+    for E in sorted({p.num_experts for p in points}):
+        pure = [p for p in points if p.num_experts == E and p.fraction == 0]
+        if pure:
+            # L_m = L_d-with-(D/E) - s ln E  =>  s = mean of (data-shifted dense prediction - measured) / ln E
+            law.gain[str(E)] = float(np.mean([(law.e + law.a * p.params ** -law.alpha
+                                               + law.b * (p.tokens / E) ** -law.beta - p.mixture_loss) / math.log(E)
+                                              for p in pure]))
+    for f in sorted({p.fraction for p in points if p.fraction > 0}):
+        phis = []
+        for p in points:
+            if p.fraction != f:
+                continue
+            s, _ = law.gain_of(p.num_experts)
+            if s == 0:
+                continue
+            d_eff = f * p.tokens + (1 - f) * p.tokens / p.num_experts
+            rest = law.e + law.a * p.params ** -law.alpha + law.b * d_eff ** -law.beta
+            phis.append((rest - p.mixture_loss) / (s * math.log(p.num_experts)))
+        if phis:
+            law.split[_fkey(f)] = float(np.mean(phis))
+    law.fitted_on = sorted({p.source for p in points if p.source})
+    law.rmse = residuals(law, points)
+    return law
+
+
+def residuals(law: Law, points: list[Point]) -> dict[str, float]:
+    """Root-mean-square error (nats) of each side's prediction on `points`."""
+    dense = [law.dense(p.params, p.tokens) - p.dense_loss for p in points]
+    mix = [(law.mixture(p.params, p.tokens, p.num_experts) if p.fraction == 0 else
+            law.split_loss(p.params, p.tokens, p.num_experts, p.fraction)) - p.mixture_loss for p in points]
+    rms = lambda xs: float(math.sqrt(sum(x * x for x in xs) / len(xs))) if xs else 0.0  # noqa: E731
+    return {"dense": rms(dense), "mixture": rms(mix)}
+
+
+def bootstrap_crossover(points: list[Point], N: float, E: int, rounds: int = 200, seed: int = 0,
+                        base: Law | None = None) -> dict:
+    """The crossover (tokens per expert parameter) refitted on resampled points: median and 10th-90th percentile;
+    `never` counts the resamples in which the mixture never wins."""
+    rng = np.random.default_rng(seed)
+    values, never = [], 0
+    for _ in range(rounds):
+        sample = [points[i] for i in rng.integers(0, len(points), len(points))]
+        if not any(p.num_experts == E and p.fraction == 0 for p in sample):
+            continue
+        try:
+            x = fit(sample, base).crossover(N, E)
+        except SmallTalkError:
+            continue
+        if x is None:
+            never += 1
+        else:
+            values.append(x)
+    if not values:
+        return {"median": None, "p10": None, "p90": None, "never": never, "rounds": rounds}
+    q = np.percentile(values, [10, 50, 90])
+    return {"median": float(q[1]), "p10": float(q[0]), "p90": float(q[2]), "never": never, "rounds": rounds}
