@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-seqs", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="", help="results stem (default map_<size>_e<E>)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON + Markdown go")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"budget {j} ({plan.tokens_per_param(j):.1f} tok/param) {line.name}: valid ppl {points[-1]['valid_ppl']:.3f}")
         # Each finished budget is compared (and written) before the next one starts.
         report = evaluate_budgets(args, plan, base, points, splits, train, shards, test, log)
-        write_results(RESULTS, args.name or f"map_{args.size}_e{E}", report, render(report), show=j == len(budgets) - 1)
+        write_results(args.results, args.name or f"map_{args.size}_e{E}", report, render(report), show=j == len(budgets) - 1)
     return 0
 
 

@@ -33,6 +33,7 @@ COMMANDS = [
     "grow",
     "run",
     "analyze",
+    "plan",
 ]
 
 

@@ -58,6 +58,20 @@ class Law:
     """phi_f by str(f)."""
     fitted_on: list[str] = field(default_factory=list)
     rmse: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, list[float]] = field(default_factory=dict)
+    """The fitted points' range: params [min, max], tokens_per_param [min, max], experts (the values)."""
+
+    def outside(self, N: float, D: float, E: int) -> list[str]:
+        """Why a prediction at (N, D, E) is an extrapolation (empty when it is inside the measured range)."""
+        notes = []
+        lo, hi = self.measured.get("params", [N, N])
+        if not lo / 2 <= N <= hi * 2:
+            notes.append(f"{N:,.0f} parameters is outside the measured sizes ({lo:,.0f}-{hi:,.0f})")
+        tlo, thi = self.measured.get("tokens_per_param", [0, math.inf])
+        tpp = D / (E * N)
+        if not tlo / 2 <= tpp <= thi * 2:
+            notes.append(f"{tpp:.1f} tokens per expert parameter is outside the measured {tlo:.1f}-{thi:.1f}")
+        return notes
 
     # -- predictions ------------------------------------------------------------------------------
 
@@ -112,12 +126,11 @@ def _fkey(f: float) -> str:
 ALPHAS = np.exp(np.linspace(math.log(0.05), math.log(1.5), 60))
 
 
-def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray) -> tuple[float, float, float, float, float]:
-    """(e, a, alpha, b, beta) minimising squared error, with a, b >= 0."""
+def _best_on_grid(N, D, loss, alphas, betas, with_params: bool):
     best = None
-    for alpha in ALPHAS:
-        for beta in ALPHAS:
-            X = np.stack([np.ones_like(loss), N ** -alpha, D ** -beta], axis=1)
+    for alpha in alphas:
+        for beta in betas:
+            X = np.stack([np.ones_like(loss), N ** -alpha if with_params else np.zeros_like(loss), D ** -beta], axis=1)
             coef, *_ = np.linalg.lstsq(X, loss, rcond=None)
             if coef[1] < 0 or coef[2] < 0:  # refit with the offending term dropped
                 keep = [0] + [i for i in (1, 2) if coef[i] >= 0]
@@ -127,6 +140,17 @@ def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray) -> tuple[float, fl
             err = float(np.sum((X @ coef - loss) ** 2))
             if best is None or err < best[0]:
                 best = (err, float(coef[0]), float(coef[1]), float(alpha), float(coef[2]), float(beta))
+    return best
+
+
+def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray, with_params: bool = True
+              ) -> tuple[float, float, float, float, float]:
+    """(e, a, alpha, b, beta) minimising squared error, with a, b >= 0 (`with_params` False: a = alpha = 0): a
+    log-spaced grid of exponents, then a finer one around the best."""
+    step = float(np.log(ALPHAS[1] / ALPHAS[0]))
+    best = _best_on_grid(N, D, loss, ALPHAS if with_params else [0.0], ALPHAS, with_params)
+    fine = lambda x: np.exp(np.linspace(np.log(x) - step, np.log(x) + step, 41))  # noqa: E731
+    best = _best_on_grid(N, D, loss, fine(best[3]) if with_params else [0.0], fine(best[5]), with_params)
     return best[1:]
 
 
@@ -139,7 +163,10 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
     N = np.array([k[0] for k in dense_pts], dtype=np.float64)
     D = np.array([k[1] for k in dense_pts], dtype=np.float64)
     y = np.array(list(dense_pts.values()), dtype=np.float64)
-    if len(dense_pts) >= 5:
+    if len(dense_pts) >= 3 and len(set(N.tolist())) == 1:
+        # One size: the N term is a constant, not identifiable: it is folded into e (no extrapolation in N).
+        e, a, alpha, b, beta = fit_dense(N, D, y, with_params=False)
+    elif len(dense_pts) >= 5:
         e, a, alpha, b, beta = fit_dense(N, D, y)
     elif base is not None:
         shift = float(np.mean(y - np.array([base.dense(n, d) for n, d in zip(N, D)])))
@@ -147,7 +174,7 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
     else:
         raise SmallTalkError(f"{len(dense_pts)} distinct dense points: at least 5 (two sizes, several budgets) are "
                              "needed to fit the exponents; give more runs or fit on top of the shipped law")
-    law = Law(e, a, alpha, b, beta)
+    law = Law(e, a, alpha, b, beta, gain=dict(base.gain) if base else {}, split=dict(base.split) if base else {})
     for E in sorted({p.num_experts for p in points}):
         pure = [p for p in points if p.num_experts == E and p.fraction == 0]
         if pure:
@@ -169,6 +196,9 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
         if phis:
             law.split[_fkey(f)] = float(np.mean(phis))
     law.fitted_on = sorted({p.source for p in points if p.source})
+    tpp = [p.tokens / (p.num_experts * p.params) for p in points]
+    law.measured = {"params": [float(min(N)), float(max(N))], "tokens_per_param": [min(tpp), max(tpp)],
+                    "experts": sorted({float(p.num_experts) for p in points})}
     law.rmse = residuals(law, points)
     return law
 

@@ -1,0 +1,93 @@
+"""The map benchmark (WSD lines, a decay per budget, split points) and its fit, on a small real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmark_import import import_benchmark
+from smalltalk.model.io import sha256_file
+from smalltalk.run.layout import RunLayout
+from test_pipeline import sharded_run  # noqa: F401  (module fixture reused)
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--size", "42k", "--budgets", "0.2,0.5,1,2", "--batches", "4,8", "--lrs", "0.01", "--split-fractions", "0.5",
+        "--valid-seqs", "64", "--test-seqs", "64", "--threads", "1"]
+
+
+def _map(base: Path, out: Path, results: Path, *extra: str):
+    return subprocess.run([sys.executable, "benchmarks/map.py", "--base-run", str(base), "--out", str(out),
+                           "--results", str(results), *ARGS, *extra], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def mapped(sharded_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("map")
+    done = _map(sharded_run, root / "out", root / "results")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return sharded_run, root
+
+
+def test_each_budget_is_the_line_plus_its_own_decay(mapped):
+    """A budget's model equals a standalone WSD run of that budget, bit for bit: the line shares its stable phase."""
+    from smalltalk.data.splits import load_split
+    from smalltalk.train.trainer import Trainer
+
+    base, root = mapped
+    bench = import_benchmark("map")
+    plan = bench.make_plan(base, "42k", [0.2, 0.5, 1.0, 2.0], [4, 8], 2, 0.2, [0.5], 0)
+    line = bench.Line("dense", 8, 0.01)
+    cfg = plan.train_config(line, 1, plan.seed, "standalone")
+    alone = Trainer(plan.model, cfg, load_split(RunLayout(base).data, "train"), root / "standalone", progress=False)
+    alone.train()
+    mapped_model = root / "out" / "budgets" / "1" / line.name / "dense" / "model" / "model.safetensors"
+    assert sha256_file(root / "standalone" / "model" / "model.safetensors") == sha256_file(mapped_model)
+
+
+def test_the_report_selects_on_validation_and_scores_the_test_split(mapped):
+    from smalltalk.data.splits import load_split
+    from smalltalk.model.io import load_model_dir
+    from smalltalk.train.evaluate import evaluate
+
+    base, root = mapped
+    report = json.loads((root / "results" / "map_42k_e2.json").read_text())
+    assert [b["budget"] for b in report["budgets"]] == [0, 1, 2, 3] and len(report["points"]) == 4 * 4
+    tpp = [b["tokens_per_param"] for b in report["budgets"]]
+    assert tpp == sorted(tpp) and report["num_experts"] == 2
+    for b in report["budgets"]:
+        here = [p for p in report["points"] if p["budget"] == b["budget"]]
+        for side in ("dense", "mixture"):
+            best = min((p for p in here if p["side"] == side), key=lambda p: p["valid_ppl"])
+            assert b["lines"][side] == f"{side}_b{best['batch_size']}_lr{best['lr']:g}"
+        assert b["improvement_pct"] == pytest.approx(100 * (1 - b["mixture_ppl"] / b["dense_ppl"]))
+        assert [s["fraction"] for s in b["split"]] == [0.5] and b["split"][0]["mixture_ppl"] > 1
+    # The dense test ppl is the chosen model's own, scored again here on the same test subset.
+    b = report["budgets"][2]
+    idx = np.load(root / "out" / "test_routes.npy")[0]
+    model, _ = load_model_dir(root / "out" / "budgets" / "2" / b["lines"]["dense"] / "dense" / "model")
+    assert evaluate(model, load_split(RunLayout(base).data, "test").dataset, idx).ppl == pytest.approx(b["dense_ppl"])
+
+
+def test_a_rerun_resumes_without_training_and_the_fit_writes_law_plot_and_holdout(mapped):
+    base, root = mapped
+    again = _map(base, root / "out", root / "results")
+    assert again.returncode == 0 and "stable to step" not in again.stderr and "done (" not in again.stderr
+    law_out = root / "law.json"
+    fit = subprocess.run([sys.executable, "benchmarks/map_fit.py", "--results", str(root / "results"),
+                          "--law-out", str(law_out), "--holdout", "map_42k_e2:2"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    law = json.loads(law_out.read_text())
+    assert law["held_out"] == "map_42k_e2:2" and "map_42k_e2:2" not in law["law"]["fitted_on"]
+    summary = json.loads((root / "results" / "map.json").read_text())
+    h = summary["holdout"]
+    assert h["measured"]["dense_ppl"] == summary["rows"][2]["dense_ppl"] and set(h["error_pct"]) == {"dense_ppl",
+                                                                                                     "mixture_ppl"}
+    assert (root / "results" / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "crossover" in (root / "results" / "map.md").read_text()
