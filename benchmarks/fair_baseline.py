@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-batches", default="", help="comma-separated; default: b, b/2, b/4")
     ap.add_argument("--lrs", default="0.01,0.005,0.02", help="peak learning rates of both sides (in run order)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON + Markdown go")
     ap.add_argument("--no-test", action="store_true", help="stop after the validation sweep")
     ap.add_argument("--no-train", action="store_true",
                     help="only summarize the points already finished (while a sweep runs elsewhere); implies --no-test")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "training_flops_ratio": results["costs"]["mixture_training"]
                                     / results["costs"]["dense_training"]}
     stem = "fair_baseline" + (f"_{args.name}" if args.name else "")
-    write_results(RESULTS, stem, report, render(report))
+    write_results(args.results, stem, report, render(report))
     return 0
 
 

@@ -63,8 +63,9 @@ def training_setup(results: dict) -> str:
 
     cfg = RunConfig.from_dict(results["config"])
     t, d, split = cfg.expert_train, cfg.dense_train(), cfg.split()
-    which = ("the paper's protocol: the experts' steps at E times their batch, their learning rate"
-             if cfg.dense.is_default() else "a tuned configuration at equal tokens (the run config's `dense:` section)")
+    protocol = (d.max_steps, d.batch_size, d.lr) == (t.max_steps, cfg.num_experts * t.batch_size, t.lr)
+    which = ("the paper's protocol: the experts' steps at E times their batch, their learning rate" if protocol
+             else "another (batch, steps, lr) at equal tokens, from the run config's `dense:` section")
     text = (f"Each expert trains {t.max_steps:,} steps x batch {t.batch_size} at lr {t.lr:g}; the dense baseline "
             f"{d.max_steps:,} steps x batch {d.batch_size} at lr {d.lr:g} ({which}), so experts and dense see the "
             "same number of tokens.")
