@@ -4,7 +4,7 @@ Both sides get the same tuning effort on one run's data, routers and shards. Eve
 training tokens as the paper-protocol run, so every point costs the same training FLOPs:
 
 * dense: (batch, steps) from E x the experts' batch at their steps down to the experts' batch at E x their
-  steps, at several peak learning rates;
+  steps, and on down to a quarter of it (the batches the experts get), at several peak learning rates;
 * experts: their batch, halved and quartered, with the steps to match, at the same learning rates.
 
 Warm-up, validation and checkpoint cadence scale with the steps (the same fraction of training). Every point
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-run", type=Path, required=True, help="a run sharded at least (`--until shard`)")
     ap.add_argument("--out", type=Path, required=True, help="the sweep's run directories go here")
     ap.add_argument("--name", default="", help="results file suffix: fair_baseline_NAME.{json,md}")
-    ap.add_argument("--dense-batches", default="", help="comma-separated; default: E x b, 2 x b, b (b: experts' batch)")
+    ap.add_argument("--dense-batches", default="",
+                    help="comma-separated; default: E x b, 2 x b, b, b/2, b/4 (b: experts' batch)")
     ap.add_argument("--expert-batches", default="", help="comma-separated; default: b, b/2, b/4")
     ap.add_argument("--lrs", default="0.01,0.005,0.02", help="peak learning rates of both sides (in run order)")
     ap.add_argument("--threads", type=int, default=2)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{args.base_run} --until shard` first")
     b, E = base.expert_train.batch_size, base.num_experts
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    dense_batches = ints(args.dense_batches) or [E * b, 2 * b, b]
+    dense_batches = ints(args.dense_batches) or [E * b, 2 * b, b, b // 2, b // 4]
     expert_batches = ints(args.expert_batches) or [b, b // 2, b // 4]
     lrs = [float(x) for x in args.lrs.split(",") if x]
     if not args.no_train:
