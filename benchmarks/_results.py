@@ -15,3 +15,16 @@ def write_results(results: Path, stem: str, report: dict, markdown: str, show: b
     atomic_write_text(results / f"{stem}.md", markdown)
     if show:
         print(markdown)
+
+
+def run_main(main) -> None:
+    """A benchmark's entry point: bad input (a SmallTalkError) is one line on stderr and exit status 2."""
+    import sys
+
+    from smalltalk.errors import SmallTalkError
+
+    try:
+        sys.exit(main())
+    except SmallTalkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

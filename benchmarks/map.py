@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _results import write_results
+from _results import run_main, write_results
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import atomic_write_json, read_json
 from smalltalk.model.config import ModelConfig
@@ -430,8 +430,4 @@ def render(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SmallTalkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

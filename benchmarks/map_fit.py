@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import math
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _results import write_results
+from _results import run_main, write_results
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import atomic_write_json, read_json
 from smalltalk.plan.law import bootstrap_crossover, fit
@@ -191,8 +190,4 @@ def render(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SmallTalkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
