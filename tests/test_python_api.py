@@ -26,6 +26,7 @@ def test_python_api_doc_runs(tmp_path, monkeypatch, corpus_dir, capsys):
     out = capsys.readouterr().out
     assert re.search(r"mixture [\d.]+ vs dense [\d.]+ test ppl", out)
     assert (tmp_path / "runs" / "notebook" / "report.md").is_file()
+    assert re.search(r"^train (the dense model|the pure mixture|split training)", out, re.M)
     scores = namespace["scores"]
     assert set(scores["groups"]) == {"notes.md", "code.txt"} and scores["dense"]  # the run's dense model
     assert "runs/no-such-run" in out and "not a mixture bundle" in out  # the error block printed its message

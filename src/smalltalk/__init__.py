@@ -18,7 +18,7 @@ _API = {
     "RunConfig": "run.config", "DenseSettings": "run.config", "load_run_config": "run.config",
     "ModelConfig": "model.config", "TrainConfig": "train.config", "RouterEMConfig": "routing.config",
     "PrepareConfig": "data.prepare_config", "EvalConfig": "mixture.evaluate", "GrowConfig": "mixture.grow",
-    "SmallTalkError": "errors",
+    "SmallTalkError": "errors", "recommend": "plan.planner",
 }
 __all__ = ["run", *_API, "__version__"]
 
