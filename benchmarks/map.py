@@ -349,7 +349,8 @@ def evaluate_budgets(args, plan: Plan, base, points: list[dict], splits: list[fl
         here = [p for p in points if p["budget"] == j]
         best = {s: min((p for p in here if p["side"] == s), key=lambda p: p["valid_ppl"]) for s in ("dense", "mixture")}
         lines = {s: Line(best[s]["side"], best[s]["batch_size"], best[s]["lr"]) for s in best}
-        cache = args.out / "budgets" / f"{j}" / "test.json"
+        # One cache per selected pair: processes sweeping disjoint grids into one OUT never read each other's.
+        cache = args.out / "budgets" / f"{j}" / f"test_{lines['dense'].name}_{lines['mixture'].name}.json"
         if not cache.is_file() or read_json(cache).get("lines") != {s: l.name for s, l in lines.items()}:
             root = args.out / "budgets" / f"{j}"
             dense = routed_ppl([root / lines["dense"].name / "dense" / "model"], test, t_idx, None)
@@ -369,7 +370,8 @@ def evaluate_budgets(args, plan: Plan, base, points: list[dict], splits: list[fl
                                                for k in result["expert_segment_ppl"]),
                "best_valid": best, "split": []}
         for f in splits:
-            row["split"].append(split_point(args, plan, j, f, lines, train, shards, test, t_idx, t_routes, log))
+            row["split"].append(split_point(args, plan, j, f, lines, result["dense_ppl"], shards, test, t_idx,
+                                            t_routes, log))
         budgets.append(row)
         log(f"budget {j}: dense {row['dense_ppl']:.3f} ({lines['dense'].name}) vs mixture {row['mixture_ppl']:.3f} "
             f"({lines['mixture'].name}): {row['improvement_pct']:+.2f}%"
@@ -383,13 +385,14 @@ def evaluate_budgets(args, plan: Plan, base, points: list[dict], splits: list[fl
                             if torch.cuda.is_available() else None}}
 
 
-def split_point(args, plan: Plan, j: int, f: float, lines: dict, train, shards, test, t_idx, t_routes, log) -> dict:
+def split_point(args, plan: Plan, j: int, f: float, lines: dict, dense_ppl: float, shards, test, t_idx, t_routes,
+                log) -> dict:
     """Experts branched from the best dense line's stable checkpoint at f of budget j, continued (with the best
     mixture line's batch and lr) on their shards to the end of their WSD schedule."""
     E = plan.num_experts
-    root = args.out / "split" / f"{j}" / f"f{f:g}"
-    cache = root / "test.json"
     dense_line, mix_line = lines["dense"], lines["mixture"]
+    root = args.out / "split" / f"{j}" / f"f{f:g}"
+    cache = root / f"{mix_line.name}_from_{dense_line.name}" / "test.json"
     key = {"dense": dense_line.name, "mixture": mix_line.name}
     if not cache.is_file() or read_json(cache).get("lines") != key:
         seed_ckpt = stop_dir(args.out / "lines" / dense_line.name / "dense", round(f * plan.steps(dense_line, j)))
@@ -402,7 +405,6 @@ def split_point(args, plan: Plan, j: int, f: float, lines: dict, train, shards, 
         atomic_write_json(cache, {"lines": key, "mixture_ppl": mix["ppl"],
                                   "expert_segment_ppl": {str(k): math.exp(v) for k, v in mix["segment_loss"].items()}})
     result = read_json(cache)
-    dense_ppl = read_json(args.out / "budgets" / f"{j}" / "test.json")["dense_ppl"]
     return {"fraction": f, **result, "improvement_pct": 100 * (1 - result["mixture_ppl"] / dense_ppl)}
 
 
