@@ -66,7 +66,9 @@ class Law:
         notes = []
         lo, hi = self.measured.get("params", [N, N])
         if not lo / 2 <= N <= hi * 2:
-            notes.append(f"{N:,.0f} parameters is outside the measured sizes ({lo:,.0f}-{hi:,.0f})")
+            # One measured size leaves a N^-alpha unidentified: only D moves the prediction, which is unverified.
+            why = "; one size was measured, so the size term is not fitted" if lo == hi else ""
+            notes.append(f"{N:,.0f} parameters is outside the measured sizes ({lo:,.0f}-{hi:,.0f}){why}")
         tlo, thi = self.measured.get("tokens_per_param", [0, math.inf])
         tpp = D / (E * N)
         if not tlo / 2 <= tpp <= thi * 2:
