@@ -28,8 +28,7 @@ map map_42k_e8 --base-run "$RUNS/cpu-base-e8" --out "$RUNS/map-42k-e8" --size 42
 for s in 0 1 2; do
   base="$RUNS/cpu-base"
   if [ "$s" != 0 ]; then base="$RUNS/cpu-seed$s"; run --config "configs/cpu-seed$s.yaml" --out "$base"; fi
-  python map.py --threads 1 --batches 8,32 --lrs 0.01,0.02 --base-run "$base" --out "$RUNS/tuned-cpu-s$s" --size 42k \
-    --budgets 194.97 --name "tuned_cpu_seed$s"
+  map "tuned_cpu_seed$s" --base-run "$base" --out "$RUNS/tuned-cpu-s$s" --size 42k --budgets 194.97
 done
 # 1M-parameter experts on the whole corpus, E = 4, up to 50 tokens per expert parameter.
 run --config configs/map-full-e4.yaml --out "$RUNS/map-full-e4"
