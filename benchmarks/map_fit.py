@@ -3,6 +3,9 @@
     python benchmarks/map_fit.py                          # benchmarks/results/map_*.json -> map.{json,md}, map.png
     python benchmarks/map_fit.py --holdout map_42k_e4:3   # fit without budget 3 of that map and record the prediction
                                                           # (before the point is run; compared once it exists)
+    python benchmarks/map_fit.py --predict map_42k_e8:8:2,4,8,16,30,60,100,200
+                                                          # a whole map the law has not seen (here E = 8), predicted
+                                                          # from the shipped law before it runs: prediction_STEM.json
 
 Writes benchmarks/results/map.{json,md}, map.png and the shipped law src/smalltalk/plan/default_law.json (the law
 is fitted on every point except the held-out one, so its prediction stays honest).
@@ -19,7 +22,7 @@ from pathlib import Path
 from _results import run_main, write_results
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import atomic_write_json, read_json
-from smalltalk.plan.law import bootstrap_crossover, fit
+from smalltalk.plan.law import Law, bootstrap_crossover, fit
 from smalltalk.plan.planner import DEFAULT_LAW
 from smalltalk.plan.points import points_of_map
 
@@ -44,11 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holdout", help="STEM:BUDGET_INDEX of a point to predict before it is measured (e.g. "
                                       "map_42k_e4:3), or STEM:BUDGET_INDEX:TOKENS_PER_PARAM when that map has not "
                                       "reached it yet")
+    ap.add_argument("--predict", help="STEM:E:TPP,TPP,... a map not run yet (e.g. an E the law was not fitted on): "
+                                      "predict it from the shipped law, write prediction_STEM.json and stop")
+    ap.add_argument("--note", default="", help="with --predict: anything the reader should know (kept in the file)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the map_*.json are and map.* go")
     ap.add_argument("--law-out", type=Path, default=DEFAULT_LAW, help="the fitted law (default: the shipped one)")
     args = ap.parse_args(argv)
     holdout_path = args.results / "map_holdout.json"
     reports = map_reports(args.results)
+    if args.predict:
+        path = args.results / f"prediction_{args.predict.split(':')[0]}.json"
+        atomic_write_json(path, {**predict_map(args.predict, reports, args.law_out), "note": args.note})
+        print(f"wrote {path}")
+        return 0
     if not reports:
         raise SmallTalkError(f"{args.results}: no map_*.json yet; run benchmarks/map.py first")
     holdout = read_json(holdout_path) if holdout_path.is_file() else None
@@ -76,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if holdout:
         holdout = compare_holdout(holdout, reports)
         atomic_write_json(holdout_path, holdout)
-    summary = {"law": law.to_dict(), "rows": rows, "crossover_tokens_per_param": crossovers, "holdout": holdout}
+    predictions = [compare_prediction(read_json(p), reports) for p in sorted(args.results.glob("prediction_*.json"))]
+    summary = {"law": law.to_dict(), "rows": rows, "crossover_tokens_per_param": crossovers, "holdout": holdout,
+               "predictions": predictions}
     plot(summary, law, args.results / "map.png")
     write_results(args.results, "map", summary, render(summary))
     return 0
@@ -105,6 +118,47 @@ def predict_holdout(spec: str, reports: dict) -> dict:
             "commit": commit(), "measured_when_predicted": bool(measured),
             "predicted": {"dense_ppl": math.exp(law.dense(N, tokens)), "mixture_ppl": math.exp(law.mixture(N, tokens, E))},
             "fitted_on": len(points)}
+
+
+def predict_map(spec: str, reports: dict, law_path: Path) -> dict:
+    """Predict every budget of a map from the law as shipped now; the law's constants travel with the prediction so
+    the comparison later uses exactly what was committed, whatever the law becomes once the map is fitted."""
+    try:
+        stem, experts, budgets = spec.split(":")
+        E, tpps = int(experts), [float(x) for x in budgets.split(",")]
+    except ValueError:
+        raise SmallTalkError(f"--predict {spec!r}: expected STEM:E:TPP,TPP,... (e.g. map_42k_e8:8:2,8,30)") from None
+    size = stem.split("_")[1] if stem.count("_") >= 2 else ""
+    same_size = [r for r in reports.values() if r["size"] == size]
+    if not same_size:
+        raise SmallTalkError(f"--predict {spec}: no measured map of size {size!r} gives the expert's parameter count")
+    if stem in reports:
+        raise SmallTalkError(f"--predict {spec}: {stem}.json is already measured; a prediction must come first")
+    shipped = read_json(law_path)
+    law = Law.from_dict(shipped["law"])
+    N = same_size[0]["params"]
+    return {"stem": stem, "num_experts": E, "params": N, "predicted_at": time.strftime("%Y-%m-%d %H:%M"),
+            "commit": commit(), "law": shipped["law"], "law_commit": shipped.get("commit"),
+            "gain_measured_for_E": law.gain_of(E)[1],
+            "predicted": [{"tokens_per_param": t, **predicted_ppl(law, N, t * E * N, E)} for t in tpps]}
+
+
+def predicted_ppl(law: Law, N: float, tokens: float, E: int) -> dict:
+    dense, mixture = math.exp(law.dense(N, tokens)), math.exp(law.mixture(N, tokens, E))
+    return {"dense_ppl": dense, "mixture_ppl": mixture, "improvement_pct": 100 * (1 - mixture / dense)}
+
+
+def compare_prediction(pred: dict, reports: dict) -> dict:
+    """The prediction's own law at each measured budget's exact tokens, beside what was measured."""
+    law, N, E = Law.from_dict(pred["law"]), pred["params"], pred["num_experts"]
+    rows = []
+    for b in reports.get(pred["stem"], {}).get("budgets", []):
+        p = predicted_ppl(law, N, b["tokens"], E)
+        rows.append({"tokens_per_param": b["tokens_per_param"], "predicted": p,
+                     "measured": {k: b[k] for k in ("dense_ppl", "mixture_ppl", "improvement_pct")},
+                     "error_pct": {k: 100 * (p[k] / b[k] - 1) for k in ("dense_ppl", "mixture_ppl")}})
+    keep = ("stem", "num_experts", "predicted_at", "commit", "law_commit", "note")
+    return {k: pred.get(k) for k in keep} | {"rows": rows}
 
 
 def compare_holdout(holdout: dict, reports: dict) -> dict:
@@ -185,6 +239,19 @@ def render(summary: dict) -> str:
             m = h.get("measured") or {}
             lines.append(f"| {k} | {h['predicted'][k]:.2f} | {m.get(k, float('nan')):.2f} | "
                          f"{(h.get('error_pct') or {}).get(k, float('nan')):+.1f}% |")
+    for pred in summary.get("predictions", []):
+        lines += ["", f"## Predicted before it ran: {pred['stem']} (E = {pred['num_experts']}), from the law of "
+                  f"{pred['law_commit']}, predicted {pred['predicted_at']}", ""] + ([pred["note"], ""] if pred["note"] else [])
+        if not pred["rows"]:
+            lines.append("Not measured yet.")
+            continue
+        lines += ["| tokens / expert param | dense: predicted / measured | mixture: predicted / measured | "
+                  "mixture vs dense: predicted / measured |", "|---|---|---|---|"]
+        for r in pred["rows"]:
+            p, m = r["predicted"], r["measured"]
+            lines.append(f"| {r['tokens_per_param']:.1f} | {p['dense_ppl']:.2f} / {m['dense_ppl']:.2f} | "
+                         f"{p['mixture_ppl']:.2f} / {m['mixture_ppl']:.2f} | {p['improvement_pct']:+.1f}% / "
+                         f"{m['improvement_pct']:+.1f}% |")
     lines += ["", "![improvement vs tokens per parameter](map.png)"]
     return "\n".join(lines) + "\n"
 

@@ -91,3 +91,36 @@ def test_a_rerun_resumes_without_training_and_the_fit_writes_law_plot_and_holdou
                                                                                                      "mixture_ppl"}
     assert (root / "results" / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "crossover" in (root / "results" / "map.md").read_text()
+
+
+def test_a_map_predicted_before_it_runs_is_compared_with_the_law_it_was_predicted_from(mapped, tmp_path):
+    """--predict writes the shipped law's numbers for a map not measured yet; once measured, the fit compares them at
+    the measured tokens with that law (not the refitted one). A measured map cannot be 'predicted'."""
+    _, root = mapped
+    measured = json.loads((root / "results" / "map_42k_e2.json").read_text())
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "map_42k_first.json").write_text(json.dumps(measured))  # gives the size's parameter count
+    law_out = tmp_path / "law.json"
+    cmd = [sys.executable, "benchmarks/map_fit.py", "--results", str(results), "--law-out", str(law_out)]
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    shipped = json.loads(law_out.read_text())["law"]
+    pred = subprocess.run([*cmd, "--predict", "map_42k_e2:2:0.2,2", "--note", "before"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    written = json.loads((results / "prediction_map_42k_e2.json").read_text())
+    assert written["law"] == shipped and [p["tokens_per_param"] for p in written["predicted"]] == [0.2, 2.0]
+    (results / "map_42k_e2.json").write_text(json.dumps(measured))
+    again = subprocess.run([*cmd, "--predict", "map_42k_e2:2:0.2"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and "already measured" in again.stderr
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    (compared,) = json.loads((results / "map.json").read_text())["predictions"]
+    assert compared["note"] == "before" and len(compared["rows"]) == len(measured["budgets"])
+    from smalltalk.plan.law import Law
+
+    law = Law.from_dict(shipped)
+    for row, b in zip(compared["rows"], measured["budgets"]):
+        assert row["measured"]["mixture_ppl"] == b["mixture_ppl"]
+        assert row["predicted"]["dense_ppl"] == pytest.approx(np.exp(law.dense(measured["params"], b["tokens"])))
+    assert "Predicted before it ran: map_42k_e2" in (results / "map.md").read_text()
