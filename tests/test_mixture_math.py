@@ -117,12 +117,24 @@ def test_costs_dense_equals_experts_and_terms_follow_the_formulas():
 def test_every_run_preset_resolves_and_dense_matches_expert_tokens():
     for name in RUN_PRESETS:
         cfg = run_preset(name)
-        dense = cfg.dense_train()
-        assert dense.max_steps == cfg.expert_train.max_steps
-        assert dense.batch_size == cfg.num_experts * cfg.expert_train.batch_size
+        dense, expert = cfg.dense_train(), cfg.expert_train
+        assert dense.max_steps * dense.batch_size == cfg.num_experts * expert.max_steps * expert.batch_size
+        if cfg.dense.is_default():  # the paper's protocol: the experts' steps at E x their batch
+            assert (dense.max_steps, dense.batch_size) == (expert.max_steps, cfg.num_experts * expert.batch_size)
+        assert (dense.schedule, dense.decay_start) == (expert.schedule, expert.rescaled(dense.max_steps).decay_start)
         assert cfg.routers.num_experts == cfg.num_experts and cfg.routers.prefix_len == cfg.prefix_len
         assert RunConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # the saved form round-trips
     assert {cfg.expert_train_config(k).seed for k in range(4) for cfg in [run_preset("tiny")]} == {1, 2, 3, 4}
+
+
+def test_a_preset_built_on_another_changes_only_what_it_names():
+    """cpu-tuned is the cpu run (data, routers, architecture, tokens) with the map's tuned training on both sides."""
+    base, tuned = run_preset("cpu").to_dict(), run_preset("cpu-tuned")
+    same = lambda d: {k: v for k, v in d.items() if k not in ("name", "dense", "expert_train")}  # noqa: E731
+    assert same(tuned.to_dict()) == same(base) and "dense" not in base
+    dense = tuned.dense_train()
+    assert (tuned.expert_train.batch_size, tuned.expert_train.lr, tuned.expert_train.schedule) == (8, 0.01, "wsd")
+    assert (dense.batch_size, dense.max_steps, dense.lr, dense.schedule) == (32, 4000, 0.02, "wsd")
 
 
 def test_dense_section_tunes_the_baseline_at_equal_tokens():

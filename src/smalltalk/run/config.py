@@ -293,6 +293,10 @@ class RunConfig:
             raise SmallTalkError(f"run config: preset={base!r} is unknown; choose one of {', '.join(RUN_PRESETS)}"
                                  + _e_variant_hint(base))
         merged = RUN_PRESETS[base]()
+        if "preset" in merged:  # a preset built on another one (cpu-tuned on cpu): resolve that one first
+            if merged["preset"] == base:
+                raise SmallTalkError(f"run preset {base!r} names itself as its preset")
+            merged = cls.from_dict(merged).to_dict()
         for key, value in d.items():
             old = merged.get(key)
             if isinstance(old, dict) and isinstance(value, dict):
