@@ -24,10 +24,18 @@ map map_42k_e4 --base-run "$RUNS/cpu-base" --out "$RUNS/map-42k-e4" --size 42k -
 run --config cpu --num-experts 8 --name cpu-e8 --out "$RUNS/cpu-base-e8"
 map map_42k_e8 --base-run "$RUNS/cpu-base-e8" --out "$RUNS/map-42k-e8" --size 42k --budgets 2,4,8,16,30,60,100,200 "${SPLIT[@]}"
 # The `cpu` preset's exact budget (128,000 sequences, 195 tokens per expert parameter) at seeds 0, 1, 2: the committed
-# seeds' claim re-measured against the tuned dense (results: tuned_cpu_seed*.json, not part of the map's fit).
-for s in 0 1 2; do
-  base="$RUNS/cpu-base"
-  if [ "$s" != 0 ]; then base="$RUNS/cpu-seed$s"; run --config "configs/cpu-seed$s.yaml" --out "$base"; fi
+# seeds' claim re-measured against the tuned dense (results: tuned_cpu_seed*.json, not part of the map's fit). Seed 0
+# on a 3 x 3 grid (batch 8/16/32 x lr 0.005/0.01/0.02 on each side: the issue's sweep, and a check that the map's
+# 2 x 2 grid is fine enough), seeds 1 and 2 on the map's grid.
+g=(--threads 1 --batches 8,16,32 --base-run "$RUNS/cpu-base" --out "$RUNS/tuned-cpu-s0" --size 42k --budgets 194.97)
+( python map.py "${g[@]}" --lrs 0.005 --name tuned_cpu_seed0_lr0.005 --results "$RUNS/per-lr"
+  python map.py "${g[@]}" --lrs 0.02 --name tuned_cpu_seed0_lr0.02 --results "$RUNS/per-lr" ) &
+python map.py "${g[@]}" --lrs 0.01 --name tuned_cpu_seed0_lr0.01 --results "$RUNS/per-lr" &
+wait
+python map.py "${g[@]}" --lrs 0.005,0.01,0.02 --name tuned_cpu_seed0
+for s in 1 2; do
+  base="$RUNS/cpu-seed$s"
+  run --config "configs/cpu-seed$s.yaml" --out "$base"
   map "tuned_cpu_seed$s" --base-run "$base" --out "$RUNS/tuned-cpu-s$s" --size 42k --budgets 194.97
 done
 # 1M-parameter experts on the whole corpus, E = 4, up to 50 tokens per expert parameter.
