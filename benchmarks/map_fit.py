@@ -116,7 +116,7 @@ def predict_holdout(spec: str, reports: dict) -> dict:
     N, E = report["params"], report["num_experts"]
     return {"stem": stem, "budget": budget, "tokens": tokens, "predicted_at": time.strftime("%Y-%m-%d %H:%M"),
             "commit": commit(), "measured_when_predicted": bool(measured),
-            "predicted": {"dense_ppl": math.exp(law.dense(N, tokens)), "mixture_ppl": math.exp(law.mixture(N, tokens, E))},
+            "predicted": predicted_ppl(law, N, tokens, E),
             "fitted_on": len(points)}
 
 
@@ -191,7 +191,7 @@ def plot(summary: dict, law, path: Path) -> None:
                 ax.plot([r["tokens_per_param"]], [s["improvement_pct"]], "^", color=color, alpha=0.7)
         xs = np.exp(np.linspace(np.log(min(r["tokens_per_param"] for r in rows) / 2),
                                 np.log(max(r["tokens_per_param"] for r in rows) * 2), 100))
-        ys = [100 * (1 - math.exp(law.mixture(N, x * E * N, E) - law.dense(N, x * E * N))) for x in xs]
+        ys = [predicted_ppl(law, N, x * E * N, E)["improvement_pct"] for x in xs]
         ax.plot(xs, ys, "-", color=color, alpha=0.6, label=f"{size}, E={E} (law)")
     # The law runs far below the measured points at the smallest budgets; frame the measurements (the crossover).
     measured = [r["improvement_pct"] for r in summary["rows"]] + \

@@ -137,6 +137,15 @@ def test_a_preset_built_on_another_changes_only_what_it_names():
     assert (dense.batch_size, dense.max_steps, dense.lr, dense.schedule) == (32, 4000, 0.02, "wsd")
 
 
+def test_presets_built_on_each_other_in_a_cycle_are_refused(monkeypatch):
+    from smalltalk.run import config
+
+    monkeypatch.setitem(config.RUN_PRESETS, "loop-a", lambda: {"preset": "loop-b", "seed": 1})
+    monkeypatch.setitem(config.RUN_PRESETS, "loop-b", lambda: {"preset": "loop-a", "seed": 2})
+    with pytest.raises(SmallTalkError, match="cycle: loop-a -> loop-b -> loop-a"):
+        RunConfig.from_dict({"preset": "loop-a"})
+
+
 def test_dense_section_tunes_the_baseline_at_equal_tokens():
     base = run_preset("cpu")
     assert "dense" not in base.to_dict()  # the paper's protocol is the absence of a `dense` section

@@ -283,7 +283,7 @@ class RunConfig:
                 "expert_train": self.expert_train.to_dict(), "eval": dataclasses.asdict(self.eval)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict, _chain: tuple[str, ...] = ()) -> "RunConfig":
         d = dict(d)
         base = d.pop("preset", None)
         check_known_keys(cls, d, "run config")
@@ -292,11 +292,11 @@ class RunConfig:
         if base not in RUN_PRESETS:
             raise SmallTalkError(f"run config: preset={base!r} is unknown; choose one of {', '.join(RUN_PRESETS)}"
                                  + _e_variant_hint(base))
+        if base in _chain:  # presets built on presets must end in one that is built on none
+            raise SmallTalkError(f"run presets build on each other in a cycle: {' -> '.join(_chain + (base,))}")
         merged = RUN_PRESETS[base]()
         if "preset" in merged:  # a preset built on another one (cpu-tuned on cpu): resolve that one first
-            if merged["preset"] == base:
-                raise SmallTalkError(f"run preset {base!r} names itself as its preset")
-            merged = cls.from_dict(merged).to_dict()
+            merged = cls.from_dict(merged, _chain + (base,)).to_dict()
         for key, value in d.items():
             old = merged.get(key)
             if isinstance(old, dict) and isinstance(value, dict):
