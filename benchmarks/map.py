@@ -376,7 +376,7 @@ def evaluate_budgets(args, plan: Plan, base, points: list[dict], splits: list[fl
         log(f"budget {j}: dense {row['dense_ppl']:.3f} ({lines['dense'].name}) vs mixture {row['mixture_ppl']:.3f} "
             f"({lines['mixture'].name}): {row['improvement_pct']:+.2f}%"
             + "".join(f"; split f={s['fraction']:g}: {s['improvement_pct']:+.2f}%" for s in row["split"]))
-    return {"size": args.size, "params": plan.params, "num_experts": E, "base_run": str(args.base_run),
+    return {"size": args.size, "params": plan.params, "num_experts": E, "base_run": str(args.base_run), "seed": plan.seed,
             "decay_fraction": plan.decay_fraction, "batches": sorted({p["batch_size"] for p in points}),
             "lrs": sorted({p["lr"] for p in points}), "valid_seqs": args.valid_seqs, "test_seqs": len(t_idx),
             "corpus_train_seqs": len(train.dataset), "points": points, "budgets": budgets,

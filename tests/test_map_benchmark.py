@@ -124,3 +124,43 @@ def test_a_map_predicted_before_it_runs_is_compared_with_the_law_it_was_predicte
         assert row["measured"]["mixture_ppl"] == b["mixture_ppl"]
         assert row["predicted"]["dense_ppl"] == pytest.approx(np.exp(law.dense(measured["params"], b["tokens"])))
     assert "Predicted before it ran: map_42k_e2" in (results / "map.md").read_text()
+
+
+def test_seeds_of_one_budget_gather_into_mean_and_std(mapped, tiny_data, tmp_path):
+    """tuned_seeds.py: one map point per seed (each its own routers and shards) -> mean +- std; a multi-budget
+    report or a repeated seed is refused with exit 2."""
+    import statistics
+
+    from smalltalk.run.pipeline import run_pipeline
+    from test_pipeline import fast_config, small_data
+
+    base, root = mapped
+    seed = json.loads((base / "run_config.json").read_text())["seed"]
+    other = tmp_path / "other-seed"
+    small_data(tiny_data, RunLayout(other).data)
+    run_pipeline(fast_config(seed=seed + 1), other, until="shard", log=lambda m: None)
+    one = ["--size", "42k", "--budgets", "0.5", "--batches", "4", "--lrs", "0.01", "--valid-seqs", "32",
+           "--test-seqs", "32", "--threads", "1", "--results", str(tmp_path / "results")]
+    reports = []
+    for k, run in enumerate([base, other]):
+        done = subprocess.run([sys.executable, "benchmarks/map.py", "--base-run", str(run), "--out",
+                               str(tmp_path / f"out{k}"), "--name", f"point{k}", *one], cwd=REPO, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports.append(tmp_path / "results" / f"point{k}.json")
+    cmd = [sys.executable, "benchmarks/tuned_seeds.py", "--results", str(tmp_path / "results")]
+    ok = subprocess.run([*cmd, *map(str, reports), "--name", "seeds"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    s = json.loads((tmp_path / "results" / "seeds.json").read_text())
+    points = [json.loads(p.read_text())["budgets"][0] for p in reports]
+    assert [r["seed"] for r in s["rows"]] == [seed, seed + 1]
+    assert s["improvement_pct"]["mean"] == pytest.approx(statistics.mean(p["improvement_pct"] for p in points))
+    assert s["dense_ppl"]["std"] == pytest.approx(statistics.stdev(p["dense_ppl"] for p in points))
+    assert "mixture vs tuned dense" in (tmp_path / "results" / "seeds.md").read_text()
+    many = subprocess.run([*cmd, str(root / "results" / "map_42k_e2.json")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert many.returncode == 2 and "4 budgets" in many.stderr
+    twice = subprocess.run([*cmd, str(reports[0]), str(reports[0])], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert twice.returncode == 2 and "different seed" in twice.stderr
