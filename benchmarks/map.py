@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="42k")
     ap.add_argument("--budgets", default="2,8,30,100", help="training tokens per expert parameter, ascending")
     ap.add_argument("--batches", default="8,32", help="batch sizes of both sides (per expert for the mixture)")
+    ap.add_argument("--dense-batches", default="", help="the dense side's batch sizes, if not --batches")
+    ap.add_argument("--mixture-batches", default="", help="the mixture side's batch sizes (per expert), if not --batches")
     ap.add_argument("--lrs", default="0.01,0.02", help="peak learning rates of both sides")
     ap.add_argument("--decay-fraction", type=float, default=0.2)
     ap.add_argument("--split-fractions", default="", help="split training's seed fractions, e.g. 0.5,0.8")
@@ -281,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     E = base.num_experts
     floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
     budgets, lrs, splits = floats(args.budgets), floats(args.lrs), floats(args.split_fractions)
-    batches = [int(x) for x in args.batches.split(",") if x]
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    side_batches = {"dense": ints(args.dense_batches or args.batches),
+                    "mixture": ints(args.mixture_batches or args.batches)}
+    batches = sorted(set(side_batches["dense"] + side_batches["mixture"]))
     if budgets != sorted(budgets):
         raise SmallTalkError(f"--budgets {args.budgets}: give them in ascending order")
     if any(not 0 < f <= 1 - args.decay_fraction for f in splits):
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     valid = load_split(layout.data, "valid").dataset
     test = load_split(layout.data, "test").dataset
     v_idx, v_routes = split_routes(args.base_run, args.out, "valid", args.valid_seqs, base.prefix_len)
-    lines = [Line(side, b, lr) for lr in lrs for side in ("dense", "mixture") for b in batches]
+    lines = [Line(side, b, lr) for lr in lrs for side in ("dense", "mixture") for b in side_batches[side]]
     # Budget by budget, every line advanced to it: an interrupted map has compared its smaller budgets whole.
     stops = {line: stops_of(plan, line, splits) for line in lines}
     points = []
@@ -378,6 +383,7 @@ def evaluate_budgets(args, plan: Plan, base, points: list[dict], splits: list[fl
             + "".join(f"; split f={s['fraction']:g}: {s['improvement_pct']:+.2f}%" for s in row["split"]))
     return {"size": args.size, "params": plan.params, "num_experts": E, "base_run": str(args.base_run), "seed": plan.seed,
             "decay_fraction": plan.decay_fraction, "batches": sorted({p["batch_size"] for p in points}),
+            "side_batches": {s: sorted({p["batch_size"] for p in points if p["side"] == s}) for s in ("dense", "mixture")},
             "lrs": sorted({p["lr"] for p in points}), "valid_seqs": args.valid_seqs, "test_seqs": len(t_idx),
             "corpus_train_seqs": len(train.dataset), "points": points, "budgets": budgets,
             "environment": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
@@ -408,10 +414,18 @@ def split_point(args, plan: Plan, j: int, f: float, lines: dict, dense_ppl: floa
     return {"fraction": f, **result, "improvement_pct": 100 * (1 - result["mixture_ppl"] / dense_ppl)}
 
 
+def grid_batches(report: dict) -> str:
+    """The batches swept: one list when both sides shared them, else each side's."""
+    sides = report.get("side_batches") or {s: report["batches"] for s in ("dense", "mixture")}
+    if sides["dense"] == sides["mixture"]:
+        return str(sides["dense"])
+    return f"{sides['dense']} (dense) / {sides['mixture']} (mixture, per expert)"
+
+
 def render(report: dict) -> str:
     E = report["num_experts"]
     lines = [f"# Map: mixture of {E} vs the tuned dense model, {report['size']} experts ({report['params']:,} parameters)",
-             "", f"Base run `{report['base_run']}`. Both sides tuned on batch {report['batches']} x peak lr "
+             "", f"Base run `{report['base_run']}`. Both sides tuned on batch {grid_batches(report)} x peak lr "
              f"{report['lrs']} (a coarse grid; WSD, decay over the last {report['decay_fraction']:g} of each budget), "
              f"selected on {report['valid_seqs']} validation sequences; test ppl on {report['test_seqs']} test sequences "
              "(the mixture routes each by argmax of prefix scores). Equal training tokens, hence FLOPs, on both sides "

@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from _results import run_main, write_results
+from map import grid_batches
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import read_json
 
@@ -38,7 +39,7 @@ def row_of(path: Path) -> dict:
     segments = {k: 100 * (1 - v / b["dense_segment_ppl"][k]) for k, v in b["expert_segment_ppl"].items()}
     return {"seed": seed_of(report, path), "source": str(path), "size": report["size"], "params": report["params"],
             "num_experts": report["num_experts"], "tokens_per_param": b["tokens_per_param"], "tokens": b["tokens"],
-            "grid": {"batches": report["batches"], "lrs": report["lrs"]},
+            "grid": {"batches": grid_batches(report), "lrs": report["lrs"]},
             "dense_line": b["lines"]["dense"], "mixture_line": b["lines"]["mixture"],
             "dense_ppl": b["dense_ppl"], "mixture_ppl": b["mixture_ppl"], "improvement_pct": b["improvement_pct"],
             "expert_vs_dense_on_segment_pct": segments, "every_expert_beats_dense": b["every_expert_beats_dense"]}
@@ -69,7 +70,7 @@ def render(s: dict) -> str:
            "mixture vs dense | experts vs dense on their segments |", "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         seg = ", ".join(f"{v:+.1f}%" for _, v in sorted(r["expert_vs_dense_on_segment_pct"].items()))
-        grid = f"{r['grid']['batches']} x {r['grid']['lrs']}"
+        grid = f"batch {r['grid']['batches']} x lr {r['grid']['lrs']}"
         out.append(f"| {r['seed']} | {grid} | {r['dense_line']} | {r['dense_ppl']:.2f} | {r['mixture_line']} | "
                    f"{r['mixture_ppl']:.2f} | {r['improvement_pct']:+.2f}% | {seg} |")
     pm = lambda k, f: f"{s[k]['mean']:{f}} +- {s[k]['std']:{f}}"  # noqa: E731

@@ -139,7 +139,9 @@ def test_seeds_of_one_budget_gather_into_mean_and_std(mapped, tiny_data, tmp_pat
     other = tmp_path / "other-seed"
     small_data(tiny_data, RunLayout(other).data)
     run_pipeline(fast_config(seed=seed + 1), other, until="shard", log=lambda m: None)
-    one = ["--size", "42k", "--budgets", "0.5", "--batches", "4", "--lrs", "0.01", "--valid-seqs", "32",
+    # Each side's own batch (the seeds' grid fixes a batch per side and sweeps the learning rate).
+    one = ["--size", "42k", "--budgets", "0.5", "--dense-batches", "8", "--mixture-batches", "4", "--lrs", "0.01",
+           "--valid-seqs", "32",
            "--test-seqs", "32", "--threads", "1", "--results", str(tmp_path / "results")]
     reports = []
     for k, run in enumerate([base, other]):
@@ -155,6 +157,9 @@ def test_seeds_of_one_budget_gather_into_mean_and_std(mapped, tiny_data, tmp_pat
     s = json.loads((tmp_path / "results" / "seeds.json").read_text())
     points = [json.loads(p.read_text())["budgets"][0] for p in reports]
     assert [r["seed"] for r in s["rows"]] == [seed, seed + 1]
+    assert [(p["side"], p["batch_size"]) for p in json.loads(reports[0].read_text())["points"]] == \
+        [("dense", 8), ("mixture", 4)]
+    assert s["rows"][0]["grid"]["batches"] == "[8] (dense) / [4] (mixture, per expert)"
     assert s["improvement_pct"]["mean"] == pytest.approx(statistics.mean(p["improvement_pct"] for p in points))
     assert s["dense_ppl"]["std"] == pytest.approx(statistics.stdev(p["dense_ppl"] for p in points))
     assert "mixture vs tuned dense" in (tmp_path / "results" / "seeds.md").read_text()
