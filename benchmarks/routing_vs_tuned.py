@@ -40,7 +40,7 @@ def mixture_rows(analyses: dict) -> list[dict]:
     for name in ("tfidf", "random-shards"):
         rows += [{"analysis": name, "variant": r["method"], "prefix_len": r["prefix_len"], "ppl": r["ppl"],
                   "protocol_dense_ppl": r["dense_ppl"]} for r in analyses.get(name, {}).get("rows", [])
-                 if r.get("ppl") is not None and r.get("dense_ppl") is not None]
+                 if r["method"] != "dense" and r.get("ppl") is not None and r.get("dense_ppl") is not None]
     return rows
 
 
@@ -88,7 +88,8 @@ def render(r: dict, source: str) -> str:
            f"The mixtures of `{source}` (their experts trained as the paper's protocol: cosine, batch 64, 500 steps) "
            f"against two dense models of the same training tokens on the same {r['num_seqs']:,} {r['split']} "
            f"sequences: the run's own (the paper's protocol, {r['protocol_dense_ppl']:.2f}) and the **tuned** one "
-           f"(`{r['dense_model']}`, {r['tuned_dense_ppl']:.2f}). Base run for routing: `{r['base_run']}` (its routers "
+           f"(`{r['dense_model']}`, {r['tuned_dense_ppl']:.2f}: the protocol dense is "
+           f"{-improvement_pct(r['tuned_dense_ppl'], r['protocol_dense_ppl']):.1f}% worse). Base run for routing: `{r['base_run']}` (its routers "
            "reproduce the report's per-expert shares).", "",
            "| analysis | variant | M-hat | mixture ppl | vs protocol dense | vs tuned dense |", "|---|---|---|---|---|---|"]
     for x in r["rows"]:
