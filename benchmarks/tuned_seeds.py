@@ -73,7 +73,7 @@ def render(s: dict) -> str:
         grid = f"batch {r['grid']['batches']} x lr {r['grid']['lrs']}"
         out.append(f"| {r['seed']} | {grid} | {r['dense_line']} | {r['dense_ppl']:.2f} | {r['mixture_line']} | "
                    f"{r['mixture_ppl']:.2f} | {r['improvement_pct']:+.2f}% | {seg} |")
-    pm = lambda k, f: f"{s[k]['mean']:{f}} +- {s[k]['std']:{f}}"  # noqa: E731
+    pm = lambda k, f: f"{s[k]['mean']:{f}} +- {s[k]['std']:{f.lstrip('+')}}"  # noqa: E731
     out += ["", f"Mean +- sample std over seeds {[r['seed'] for r in s['rows']]}: dense {pm('dense_ppl', '.2f')}, "
             f"mixture {pm('mixture_ppl', '.2f')}, **mixture vs tuned dense {pm('improvement_pct', '+.1f')}%**."]
     return "\n".join(out) + "\n"
