@@ -25,16 +25,16 @@ run --config cpu --num-experts 8 --name cpu-e8 --out "$RUNS/cpu-base-e8"
 map map_42k_e8 --base-run "$RUNS/cpu-base-e8" --out "$RUNS/map-42k-e8" --size 42k --budgets 2,4,8,16,30,60,100,200 "${SPLIT[@]}"
 # The `cpu` preset's exact budget (128,000 sequences, 195 tokens per expert parameter) at seeds 0, 1, 2: the committed
 # seeds' claim re-measured against the tuned dense (results: tuned_cpu_seed*.json, summed up by tuned_seeds.py; not
-# part of the map's fit). The mixture at its better batch of the seed-0 map at 201 tokens per parameter (8 per expert),
-# the dense model at both batches of the map's grid (8, 32): the baseline gets more tuning than the method; lr {0.01, 0.02}.
-seed_point() {  # seed_point SEED BASE_RUN
-  local g=(--dense-batches 8,32 --mixture-batches 8 --base-run "$2" --out "$RUNS/tuned-cpu-s$1" --size 42k --budgets 194.97)
+# part of the map's fit). Each side at its better batch of the seed-0 map at 201 tokens per parameter (dense 32,
+# mixture 8 per expert) x lr {0.01, 0.02}; seed 0's dense side also at batch 8 (the full 2 x 2), a check of that choice.
+seed_point() {  # seed_point SEED BASE_RUN DENSE_BATCHES
+  local g=(--dense-batches "$3" --mixture-batches 8 --base-run "$2" --out "$RUNS/tuned-cpu-s$1" --size 42k --budgets 194.97)
   map "tuned_cpu_seed$1" "${g[@]}"
 }
-seed_point 0 "$RUNS/cpu-base"
+seed_point 0 "$RUNS/cpu-base" 8,32
 for s in 1 2; do
   run --config "configs/cpu-seed$s.yaml" --out "$RUNS/cpu-seed$s"
-  seed_point "$s" "$RUNS/cpu-seed$s"
+  seed_point "$s" "$RUNS/cpu-seed$s" 32
 done
 python tuned_seeds.py results/tuned_cpu_seed{0,1,2}.json --name tuned_cpu_seeds
 # E = 2 at the same budget, both sides on the map's 2 x 2 grid.
