@@ -46,7 +46,6 @@ def mixture_rows(analyses: dict) -> list[dict]:
 
 def rebaseline(report: dict, base_run: Path, dense_model: Path, device: str = "cpu") -> dict:
     from smalltalk.analysis.scores import router_logp, score_models
-    from smalltalk.data.splits import load_split
     from smalltalk.routing import rule
     from smalltalk.run.layout import RunLayout
 
@@ -56,8 +55,8 @@ def rebaseline(report: dict, base_run: Path, dense_model: Path, device: str = "c
                              "the analysed run; re-run routing_analyses.py with it")
     layout = RunLayout(base_run)
     split, n, M = spec["split"], spec["num_seqs"], spec["prefix_len"]
-    total = len(load_split(layout.data, split).dataset)
-    scores = score_models([], dense_model, layout.data, split=split, max_seqs=0 if n >= total else n, device=device)
+    # The analyses' own selection (evenly spaced, all of a split no longer than n): the same sequences when RUN matches.
+    scores = score_models([], dense_model, layout.data, split=split, max_seqs=n, device=device)
     if scores.num_seqs != n:
         raise SmallTalkError(f"{base_run}: its {split} split gives {scores.num_seqs} sequences, the report scored {n}; "
                              "give the run the analyses ran on (same preset, seed and data)")
@@ -69,8 +68,9 @@ def rebaseline(report: dict, base_run: Path, dense_model: Path, device: str = "c
                              f"{np.round(shares, 4).tolist()}, the analysed run's were {np.round(want, 4).tolist()}; "
                              "give the run the analyses ran on (same preset, seed and data)")
     tuned = scores.dense_ppl()
+    given = mixture_rows(report["analyses"])
     rows = [{**r, "protocol_vs_pct": improvement_pct(r["protocol_dense_ppl"], r["ppl"]), "tuned_dense_ppl": tuned,
-             "tuned_vs_pct": improvement_pct(tuned, r["ppl"])} for r in mixture_rows(report["analyses"])]
+             "tuned_vs_pct": improvement_pct(tuned, r["ppl"])} for r in given]
     experts = []
     for x in spec["experts"]:
         seg_tuned = scores.dense_ppl(routes == x["expert"])
@@ -78,14 +78,14 @@ def rebaseline(report: dict, base_run: Path, dense_model: Path, device: str = "c
                         "protocol_dense_ppl": x["dense_ppl"], "protocol_vs_pct": x["improvement_pct"],
                         "tuned_dense_ppl": seg_tuned, "tuned_vs_pct": improvement_pct(seg_tuned, x["expert_ppl"])})
     return {"base_run": str(base_run), "dense_model": str(dense_model), "split": split, "num_seqs": n,
-            "prefix_len": M, "protocol_dense_ppl": mixture_rows(report["analyses"])[0]["protocol_dense_ppl"]
-            if rows else None, "tuned_dense_ppl": tuned, "rows": rows, "experts": experts,
+            "prefix_len": M, "protocol_dense_ppl": given[0]["protocol_dense_ppl"] if given else None,
+            "tuned_dense_ppl": tuned, "rows": rows, "experts": experts,
             "every_expert_beats_tuned_dense": all(e["tuned_vs_pct"] > 0 for e in experts)}
 
 
 def render(r: dict, source: str) -> str:
     out = ["# Routing analyses vs the tuned dense model", "",
-           f"The mixtures of `{source}` (their experts trained as the paper's protocol: cosine, batch 64, 500 steps) "
+           f"The mixtures of `{source}` (their experts trained as the analysed run trained them: the paper's protocol) "
            f"against two dense models of the same training tokens on the same {r['num_seqs']:,} {r['split']} "
            f"sequences: the run's own (the paper's protocol, {r['protocol_dense_ppl']:.2f}) and the **tuned** one "
            f"(`{r['dense_model']}`, {r['tuned_dense_ppl']:.2f}: the protocol dense is "
