@@ -135,7 +135,8 @@ def plot(points: list[dict], path: Path) -> None:
             ax.plot([p[key] for p in pts], [p["test_ppl"] for p in pts], marker=marker, linestyle="none",
                     color=color, label=kind)
             for p in pts:
-                short = f"E={p['num_experts']}" if kind == "mixture" else f"h{p['hidden_size']}"
+                short = f"E={p['num_experts']}" if kind == "mixture" else f"h{p['hidden_size']}" + (
+                    f", E={p['baseline_of']}'s tokens" if "baseline_of" in p else "")
                 ax.annotate(short, (p[key], p["test_ppl"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
         curve = sorted((p for p in points if p.get("width_curve")), key=lambda p: p[key])
         ax.plot([p[key] for p in curve], [p["test_ppl"] for p in curve], color="tab:gray", alpha=0.5,
@@ -151,8 +152,9 @@ def plot(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def to_markdown(report: dict) -> str:
-    lines = ["# Mixtures vs dense models of increasing size (`cpu` scale, paper Figure 2)", "",
+def tables(report: dict, title: str) -> list[str]:
+    """Every point, then each mixture's match on the dense side (the Markdown both trade-off reports share)."""
+    lines = [f"# {title}", "",
              "| model | params | test ppl | training FLOPs | inference FLOPs / seq |", "|---|---|---|---|---|"]
     for p in sorted(report["points"], key=lambda p: (p["kind"], p["training_flops"])):
         params = f"{p['params']:,}" if "params" in p else f"{p['num_experts']} x {p['params_per_expert']:,}"
@@ -170,10 +172,15 @@ def to_markdown(report: dict) -> str:
                      + f"{ratio(m['equal_ppl_dense_over_mixture_inference'])} | "
                        f"{ratio(m['equal_ppl_dense_over_mixture_training'])} |")
     curve = ", ".join(p["label"] for p in report["points"] if p.get("width_curve"))
-    lines += ["", f"Dense of equal ppl: the FLOPs a dense model as good as the mixture would need, read off the width "
-              f"curve ({curve}; all trained on the same tokens) by interpolating log FLOPs linearly in log "
-              "perplexity between neighbouring widths; 'off the curve' where the mixture is outside its range.",
-              "", f"Dense models of other widths: `{report['run']}`'s data, expert architecture and E = 4 dense "
+    return lines + ["", f"Dense of equal ppl: the FLOPs a dense model as good as the mixture would need, read off the "
+                    f"width curve ({curve}; all trained on the same tokens) by interpolating log FLOPs linearly in "
+                    "log perplexity between neighbouring widths; 'off the curve' where the mixture is outside its "
+                    "range."]
+
+
+def to_markdown(report: dict) -> str:
+    lines = tables(report, "Mixtures vs dense models of increasing size (`cpu` scale, paper Figure 2)")
+    lines += ["", f"Dense models of other widths: `{report['run']}`'s data, expert architecture and E = 4 dense "
               f"settings; test perplexity on {report['max_seqs']:,} evenly spaced test sequences (the "
               "mixture evaluation's). Mixture points: " + ", ".join(report["mixture_sources"]) + f". Machine: "
               f"{report['machine']}.", "", "![trade-off](tradeoff.png)"]

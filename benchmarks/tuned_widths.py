@@ -76,7 +76,8 @@ def sweep_width(plan: Plan, lines: list[Line], train, valid, v_idx, out: Path, l
 
 
 def costs(plan: Plan, steps: int, batch: int) -> dict:
-    return {"params": plan.params, "training_flops": training_flops(plan.model, steps, batch, plan.seq_len - 1),
+    return {"params": plan.params, "model": plan.model.to_dict(), "seq_len": plan.seq_len,
+            "training_flops": training_flops(plan.model, steps, batch, plan.seq_len - 1),
             "inference_flops": inference_flops(plan.model, plan.seq_len)}
 
 
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"h{width}: best {line.name}, test ppl {rows[-1]['test_ppl']:.3f}")
     result = {"benchmark": "tuned_widths", "map_report": str(args.map_report), "base_run": str(base_run),
               "num_experts": report["num_experts"], "seed": report["seed"], "tokens": own["tokens"],
+              "tokens_per_expert_param": own["tokens_per_param"],
               "total_seqs": own["total_seqs"], "decay_fraction": report["decay_fraction"], "batches": batches,
               "lrs": lrs, "valid_seqs": report["valid_seqs"], "test_seqs": len(t_idx), "widths": rows,
               "environment": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
