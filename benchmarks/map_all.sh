@@ -2,19 +2,22 @@
 # Every map of the README's "where the mixture wins" section, in the order they were run; resumable: re-run after an
 # interruption and each step continues where it stopped (finished base runs, lines and map points are skipped).
 #   nohup nice -n 10 bash benchmarks/map_all.sh RUNS_DIR > map_all.log 2>&1 &
-# Each map runs as two processes, one per learning rate (they share one output directory safely: every cache is keyed
-# by its own line or selected pair), then a pass over both learning rates selects and writes the results.
+# Each map runs as one process per learning rate, then a pass over all of them selects and writes the results.
 set -euo pipefail
 RUNS=${1:-runs}
 cd "$(dirname "$0")"
 run() { python -m smalltalk run --threads 1 --no-progress --until shard "$@"; }
-map() {  # map STEM ARGS...: the lr 0.01 and 0.02 processes in parallel, then the merge
+# Processes run two at a time (they share one output directory safely: every cache is keyed by its own line or
+# selected pair); `together` waits for a free core.
+together() { if (( $(jobs -rp | wc -l) >= 2 )); then wait -n; fi; }
+map() {  # map STEM ARGS...: one process per learning rate of $LRS, then the merge over all of them
   local stem=$1; shift
-  local common=(--threads 1 --batches 8,32 "$@")  # later --dense-batches / --mixture-batches override --batches
-  python map.py "${common[@]}" --lrs 0.01 --name "${stem}_lr0.01" --results "$RUNS/per-lr" &
-  python map.py "${common[@]}" --lrs 0.02 --name "${stem}_lr0.02" --results "$RUNS/per-lr" &
+  local common=(--threads 1 --batches 8,32 "$@") lrs=(${LRS:-0.01 0.02})  # --dense-/--mixture-batches override --batches
+  for lr in "${lrs[@]}"; do
+    together; python map.py "${common[@]}" --lrs "$lr" --name "${stem}_lr$lr" --results "$RUNS/per-lr" &
+  done
   wait
-  python map.py "${common[@]}" --lrs 0.01,0.02 --name "$stem"
+  python map.py "${common[@]}" --lrs "$(IFS=,; echo "${lrs[*]}")" --name "$stem"
 }
 SPLIT=(--split-fractions 0.5,0.8)
 
@@ -25,21 +28,33 @@ run --config cpu --num-experts 8 --name cpu-e8 --out "$RUNS/cpu-base-e8"
 map map_42k_e8 --base-run "$RUNS/cpu-base-e8" --out "$RUNS/map-42k-e8" --size 42k --budgets 2,4,8,16,30,60,100,200 "${SPLIT[@]}"
 # The `cpu` preset's exact budget (128,000 sequences, 195 tokens per expert parameter) at seeds 0, 1, 2: the committed
 # seeds' claim re-measured against the tuned dense (results: tuned_cpu_seed*.json, summed up by tuned_seeds.py; not
-# part of the map's fit). Each side at its better batch of the seed-0 map at 201 tokens per parameter (dense 32,
-# mixture 8 per expert) x lr {0.01, 0.02}; seed 0's dense side also at batch 8 (the full 2 x 2), a check of that choice.
-seed_point() {  # seed_point SEED BASE_RUN DENSE_BATCHES
-  local g=(--dense-batches "$3" --mixture-batches 8 --base-run "$2" --out "$RUNS/tuned-cpu-s$1" --size 42k --budgets 194.97)
-  map "tuned_cpu_seed$1" "${g[@]}"
+# part of the map's fit). Dense at batch 8 and 32, the mixture at batch 8 per expert (the better batch at every budget
+# of the seed-0 map), each x peak lr {0.005, 0.01, 0.02}.
+export LRS="0.005 0.01 0.02"
+seed_point() {  # seed_point SEED BASE_RUN
+  map "tuned_cpu_seed$1" --dense-batches 8,32 --mixture-batches 8 --base-run "$2" --out "$RUNS/tuned-cpu-s$1" \
+    --size 42k --budgets 194.97
 }
-seed_point 0 "$RUNS/cpu-base" 8,32
+seed_point 0 "$RUNS/cpu-base"
 for s in 1 2; do
   run --config "configs/cpu-seed$s.yaml" --out "$RUNS/cpu-seed$s"
-  seed_point "$s" "$RUNS/cpu-seed$s" 32
+  seed_point "$s" "$RUNS/cpu-seed$s"
 done
 python tuned_seeds.py results/tuned_cpu_seed{0,1,2}.json --name tuned_cpu_seeds
-# E = 2 at the same budget, both sides on the map's 2 x 2 grid.
+# E = 2 at the same budget, both sides on batch {8, 32}.
 run --config cpu --num-experts 2 --name cpu-e2 --out "$RUNS/cpu-base-e2"
 map tuned_cpu_e2 --base-run "$RUNS/cpu-base-e2" --out "$RUNS/tuned-cpu-e2" --size 42k --budgets 194.97
+# The tuned trade-off (paper Figure 2): dense models 48 and 64 wide, each tuned at seed 0's tokens on the same grid,
+# against the tuned mixtures of E = 2, 4 (seed 0) and 8 (the E = 8 map's 201-token row).
+W=(--map-report results/tuned_cpu_seed0.json --widths 48,64 --out "$RUNS/tuned-widths" --threads 1)
+for lr in $LRS; do
+  together; python tuned_widths.py "${W[@]}" --lrs "$lr" --name "widths_lr$lr" --results "$RUNS/per-lr" &
+done
+wait
+python tuned_widths.py "${W[@]}" --lrs "${LRS// /,}"
+python tradeoff_tuned.py --widths-report results/tuned_widths_tuned_cpu_seed0.json \
+  --mixtures results/tuned_cpu_e2.json results/tuned_cpu_seed0.json results/map_42k_e8.json
+unset LRS
 # The routing analyses' mixtures (routing_analyses.py --scale cpu, seed 0) against seed 0's tuned dense.
 python routing_vs_tuned.py --base-run "$RUNS/cpu-base" \
   --dense-model "$RUNS/tuned-cpu-s0/budgets/0/$(python -c 'import json; print(json.load(open("results/tuned_cpu_seed0.json"))["budgets"][0]["lines"]["dense"])')/dense/model"
