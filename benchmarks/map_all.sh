@@ -28,17 +28,17 @@ run --config cpu --num-experts 8 --name cpu-e8 --out "$RUNS/cpu-base-e8"
 map map_42k_e8 --base-run "$RUNS/cpu-base-e8" --out "$RUNS/map-42k-e8" --size 42k --budgets 2,4,8,16,30,60,100,200 "${SPLIT[@]}"
 # The `cpu` preset's exact budget (128,000 sequences, 195 tokens per expert parameter) at seeds 0, 1, 2: the committed
 # seeds' claim re-measured against the tuned dense (results: tuned_cpu_seed*.json, summed up by tuned_seeds.py; not
-# part of the map's fit). Dense at batch 8 and 32, the mixture at batch 8 per expert (the better batch at every budget
-# of the seed-0 map), each x peak lr {0.005, 0.01, 0.02}.
+# part of the map's fit). Dense at batch 32, the mixture at batch 8 per expert (each side's better batch at 201 tokens
+# per parameter in the seed-0 map), each x peak lr {0.005, 0.01, 0.02}; seed 0's dense side also at batch 8.
 export LRS="0.005 0.01 0.02"
-seed_point() {  # seed_point SEED BASE_RUN
-  map "tuned_cpu_seed$1" --dense-batches 8,32 --mixture-batches 8 --base-run "$2" --out "$RUNS/tuned-cpu-s$1" \
+seed_point() {  # seed_point SEED BASE_RUN DENSE_BATCHES
+  map "tuned_cpu_seed$1" --dense-batches "$3" --mixture-batches 8 --base-run "$2" --out "$RUNS/tuned-cpu-s$1" \
     --size 42k --budgets 194.97
 }
-seed_point 0 "$RUNS/cpu-base"
+seed_point 0 "$RUNS/cpu-base" 8,32
 for s in 1 2; do
   run --config "configs/cpu-seed$s.yaml" --out "$RUNS/cpu-seed$s"
-  seed_point "$s" "$RUNS/cpu-seed$s"
+  seed_point "$s" "$RUNS/cpu-seed$s" 32
 done
 python tuned_seeds.py results/tuned_cpu_seed{0,1,2}.json --name tuned_cpu_seeds
 # E = 2 at the same budget, both sides on batch {8, 32}.
