@@ -315,25 +315,32 @@ def main(argv: list[str] | None = None) -> int:
             due = [s for s in sorted(set(starts + stops[line][1])) if s <= starts[j]]
             for k in ([None] if dense_line else range(E)):
                 run_line(plan, line, train if dense_line else shards[k], args.out, k, due, log)
-            point_file = args.out / "budgets" / f"{j}" / line.name / "point.json"
-            if not point_file.is_file():
-                models = []
-                for k in ([None] if dense_line else range(E)):
-                    who = "dense" if k is None else f"expert_{k}"
-                    seed = plan.seed if k is None else plan.seed + 1 + k
-                    cfg = plan.train_config(line, j, seed, f"{line.name}-{j}-{who}")
-                    start = stop_dir(args.out / "lines" / line.name / who, starts[j])
-                    models.append(decay(plan, cfg, train if k is None else shards[k],
-                                        args.out / "budgets" / f"{j}" / line.name / who, start, log))
-                ev = routed_ppl(models, valid, v_idx, None if dense_line else v_routes)
-                atomic_write_json(point_file, {**dataclasses.asdict(line), "budget": j, "valid_ppl": ev["ppl"],
-                                               "steps": plan.steps(line, j), "loadavg_1m": round(os.getloadavg()[0], 2)})
-            points.append(read_json(point_file))
+            points.append(line_point(plan, line, j, starts[j], train, shards, args.out, valid, v_idx, v_routes, log))
             log(f"budget {j} ({plan.tokens_per_param(j):.1f} tok/param) {line.name}: valid ppl {points[-1]['valid_ppl']:.3f}")
         # Each finished budget is compared (and written) before the next one starts.
         report = evaluate_budgets(args, plan, base, points, splits, train, shards, test, log)
         write_results(args.results, args.name or f"map_{args.size}_e{E}", report, render(report), show=j == len(budgets) - 1)
     return 0
+
+
+def line_point(plan: Plan, line: Line, j: int, start_step: int, train, shards: list, out: Path, valid, v_idx,
+               v_routes, log) -> dict:
+    """Budget j's model of a line (each expert's, for the mixture) decayed from the line's stable checkpoint at
+    `start_step` and scored on the validation subset; cached in the budget's point.json."""
+    point_file = out / "budgets" / f"{j}" / line.name / "point.json"
+    if not point_file.is_file():
+        models = []
+        for k in ([None] if line.side == "dense" else range(plan.num_experts)):
+            who = "dense" if k is None else f"expert_{k}"
+            seed = plan.seed if k is None else plan.seed + 1 + k
+            cfg = plan.train_config(line, j, seed, f"{line.name}-{j}-{who}")
+            start = stop_dir(out / "lines" / line.name / who, start_step)
+            run_dir = out / "budgets" / f"{j}" / line.name / who
+            models.append(decay(plan, cfg, train if k is None else shards[k], run_dir, start, log))
+        ev = routed_ppl(models, valid, v_idx, None if line.side == "dense" else v_routes)
+        atomic_write_json(point_file, {**dataclasses.asdict(line), "budget": j, "valid_ppl": ev["ppl"],
+                                       "steps": plan.steps(line, j), "loadavg_1m": round(os.getloadavg()[0], 2)})
+    return read_json(point_file)
 
 
 def stops_of(plan: Plan, line: Line, splits: list[float]) -> tuple[list[int], list[int]]:

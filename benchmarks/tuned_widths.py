@@ -17,7 +17,6 @@ each other's lines, and a last run over the whole grid writes benchmarks/results
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import platform
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from _results import run_main, write_results
-from map import SIZES, Line, Plan, decay, routed_ppl, run_line, stop_dir
+from map import SIZES, Line, Plan, line_point, routed_ppl, run_line
 from smalltalk.errors import SmallTalkError
 from smalltalk.io import atomic_write_json, read_json
 from smalltalk.model.flops import inference_flops, training_flops
@@ -60,17 +59,9 @@ def sweep_width(plan: Plan, lines: list[Line], train, valid, v_idx, out: Path, l
     """Every line of one width trained to the budget and scored on the validation subset (cached per line)."""
     points = []
     for line in lines:
-        point_file = out / "budgets" / "0" / line.name / "point.json"
-        if not point_file.is_file():
-            start = plan.train_config(line, 0, 0, "").decay_start
-            run_line(plan, line, train, out, None, [start], log)
-            cfg = plan.train_config(line, 0, plan.seed, f"{plan.model.name}-{line.name}")
-            model = decay(plan, cfg, train, out / "budgets" / "0" / line.name / "dense",
-                          stop_dir(out / "lines" / line.name / "dense", start), log)
-            ev = routed_ppl([model], valid, v_idx, None)
-            atomic_write_json(point_file, {**dataclasses.asdict(line), "valid_ppl": ev["ppl"],
-                                           "steps": plan.steps(line, 0), "loadavg_1m": round(os.getloadavg()[0], 2)})
-        points.append(read_json(point_file))
+        start = plan.train_config(line, 0, 0, "").decay_start
+        run_line(plan, line, train, out, None, [start], log)
+        points.append(line_point(plan, line, 0, start, train, [], out, valid, v_idx, None, log))
         log(f"{out.name} {line.name}: valid ppl {points[-1]['valid_ppl']:.3f}")
     return points
 
