@@ -74,7 +74,8 @@ def costs(plan: Plan, steps: int, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--map-report", type=Path, required=True, help="a one-budget map report (its dense side is width 1)")
+    ap.add_argument("--map-report", type=Path, required=True,
+                    help="a one-budget map report (its tuned dense is the curve's first width)")
     ap.add_argument("--widths", default="48,64", help="hidden sizes of the wider dense models")
     ap.add_argument("--batches", default="", help="batch sizes (default: the report's dense batches)")
     ap.add_argument("--lrs", default="", help="peak learning rates (default: the report's)")
