@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--predict", help="STEM:E:TPP,TPP,... a map not run yet (e.g. an E the law was not fitted on): "
                                       "predict it from the shipped law, write prediction_STEM.json and stop")
     ap.add_argument("--note", default="", help="with --predict: anything the reader should know (kept in the file)")
+    ap.add_argument("--params", type=int, default=0, help="with --predict: the expert's parameter count, for a size "
+                                                          "no measured map has yet")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the map_*.json are and map.* go")
     ap.add_argument("--law-out", type=Path, default=DEFAULT_LAW, help="the fitted law (default: the shipped one)")
     args = ap.parse_args(argv)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = map_reports(args.results)
     if args.predict:
         path = args.results / f"prediction_{args.predict.split(':')[0]}.json"
-        atomic_write_json(path, {**predict_map(args.predict, reports, args.law_out), "note": args.note})
+        atomic_write_json(path, {**predict_map(args.predict, reports, args.law_out, args.params), "note": args.note})
         print(f"wrote {path}")
         return 0
     if not reports:
@@ -120,7 +122,7 @@ def predict_holdout(spec: str, reports: dict) -> dict:
             "fitted_on": len(points)}
 
 
-def predict_map(spec: str, reports: dict, law_path: Path) -> dict:
+def predict_map(spec: str, reports: dict, law_path: Path, params: int = 0) -> dict:
     """Predict every budget of a map from the law as shipped now; the law's constants travel with the prediction so
     the comparison later uses exactly what was committed, whatever the law becomes once the map is fitted."""
     try:
@@ -129,17 +131,21 @@ def predict_map(spec: str, reports: dict, law_path: Path) -> dict:
     except ValueError:
         raise SmallTalkError(f"--predict {spec!r}: expected STEM:E:TPP,TPP,... (e.g. map_42k_e8:8:2,8,30)") from None
     size = stem.split("_")[1] if stem.count("_") >= 2 else ""
-    same_size = [r for r in reports.values() if r["size"] == size]
+    same_size = [r["params"] for r in reports.values() if r["size"] == size] or ([params] if params > 0 else [])
     if not same_size:
-        raise SmallTalkError(f"--predict {spec}: no measured map of size {size!r} gives the expert's parameter count")
+        raise SmallTalkError(f"--predict {spec}: no measured map of size {size!r} gives the expert's parameter count; "
+                             "give it as --params N")
+    if params > 0 and params != same_size[0]:
+        raise SmallTalkError(f"--params {params}: the measured map of size {size!r} has {same_size[0]:,} parameters")
     if stem in reports:
         raise SmallTalkError(f"--predict {spec}: {stem}.json is already measured; a prediction must come first")
     shipped = read_json(law_path)
     law = Law.from_dict(shipped["law"])
-    N = same_size[0]["params"]
+    N = same_size[0]
     return {"stem": stem, "num_experts": E, "params": N, "predicted_at": time.strftime("%Y-%m-%d %H:%M"),
             "commit": commit(), "law": shipped["law"], "law_commit": shipped.get("commit"),
             "gain_measured_for_E": law.gain_of(E)[1],
+            "extrapolation": sorted({why for t in tpps for why in law.outside(N, t * E * N, E)}),
             "predicted": [{"tokens_per_param": t, **predicted_ppl(law, N, t * E * N, E)} for t in tpps]}
 
 

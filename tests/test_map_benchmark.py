@@ -126,6 +126,31 @@ def test_a_map_predicted_before_it_runs_is_compared_with_the_law_it_was_predicte
     assert "Predicted before it ran: map_42k_e2" in (results / "map.md").read_text()
 
 
+def test_a_size_not_measured_yet_is_predicted_from_its_parameter_count_with_the_extrapolation_said(mapped, tmp_path):
+    """A map of a new size needs --params (no measured map gives it); the prediction records that the law's size
+    term was never fitted; --params contradicting a measured map of that size is refused, nothing written."""
+    _, root = mapped
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "map_42k_first.json").write_text((root / "results" / "map_42k_e2.json").read_text())
+    law_out = tmp_path / "law.json"
+    cmd = [sys.executable, "benchmarks/map_fit.py", "--results", str(results), "--law-out", str(law_out)]
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    missing = subprocess.run([*cmd, "--predict", "map_1m_e2:2:1,2"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 2 and "--params" in missing.stderr
+    assert not (results / "prediction_map_1m_e2.json").exists()
+    done = subprocess.run([*cmd, "--predict", "map_1m_e2:2:1,2", "--params", "1057152"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pred = json.loads((results / "prediction_map_1m_e2.json").read_text())
+    assert pred["params"] == 1057152 and any("size term is not fitted" in why for why in pred["extrapolation"])
+    wrong = subprocess.run([*cmd, "--predict", "map_42k_e4:4:1", "--params", "1057152"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "--params 1057152" in wrong.stderr
+    assert not (results / "prediction_map_42k_e4.json").exists()
+
+
 def test_seeds_of_one_budget_gather_into_mean_and_std(mapped, tiny_data, tmp_path):
     """tuned_seeds.py: one map point per seed (each its own routers and shards) -> mean +- std; a multi-budget
     report or a repeated seed is refused with exit 2."""
