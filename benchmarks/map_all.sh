@@ -58,7 +58,16 @@ unset LRS
 # The routing analyses' mixtures (routing_analyses.py --scale cpu, seed 0) against seed 0's tuned dense.
 python routing_vs_tuned.py --base-run "$RUNS/cpu-base" \
   --dense-model "$RUNS/tuned-cpu-s0/budgets/0/$(python -c 'import json; print(json.load(open("results/tuned_cpu_seed0.json"))["budgets"][0]["lines"]["dense"])')/dense/model"
-# 1M-parameter experts on the whole corpus, E = 4, up to 50 tokens per expert parameter.
-run --config configs/map-full-e4.yaml --out "$RUNS/map-full-e4"
-map map_1m_e4 --base-run "$RUNS/map-full-e4" --out "$RUNS/map-1m-e4" --size 1m --budgets 2,6,20,50 "${SPLIT[@]}"
+# 1M-parameter experts (25x the 42k ones) on the same base run, routers and shards, E = 4, at 1-4 tokens per expert
+# parameter (up to 0.6 epochs): batch 8 x lr {0.005, 0.01} on both sides, split f = 0.5; predicted beforehand by
+# `map_fit.py --predict map_1m_e4:4:1,2,4 --params 1057152` (prediction_map_1m_e4.json). ~2 h of both cores.
+LRS="0.005 0.01" map map_1m_e4 --batches 8 --base-run "$RUNS/cpu-base" --out "$RUNS/map-1m-e4" --size 1m \
+  --budgets 1,2,4 --split-fractions 0.5
 python map_fit.py
+# Not run (about 31 hours of this machine): the 1M map up to 50 tokens per expert parameter needs the whole corpus
+# (configs/map-full-e4.yaml). FULL_1M=1 runs it.
+if [[ ${FULL_1M:-0} == 1 ]]; then
+  run --config configs/map-full-e4.yaml --out "$RUNS/map-full-e4"
+  map map_1m_full_e4 --base-run "$RUNS/map-full-e4" --out "$RUNS/map-1m-full-e4" --size 1m --budgets 2,6,20,50 "${SPLIT[@]}"
+  python map_fit.py
+fi
