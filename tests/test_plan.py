@@ -60,6 +60,22 @@ def test_one_size_folds_the_size_term_and_flags_extrapolation():
     assert any(w.startswith("extrapolating") for w in rec.warnings)
 
 
+def test_two_sizes_fit_the_gap_between_them_and_assume_the_size_exponent():
+    # Two sizes pin a N^-alpha at both (any alpha spans the same two values), so alpha is set, not fitted, and a
+    # third size is flagged as resting on it.
+    law = fit(synthetic(TRUE, sizes=(40_000, 1_000_000)))
+    assert law.assumed == ["alpha"] and law.alpha == 0.34
+    for N in (40_000, 1_000_000):
+        for tpp in (3, 50):
+            D = tpp * 4 * N
+            assert law.dense(N, D) == pytest.approx(TRUE.dense(N, D), abs=5e-3)
+            assert law.mixture(N, D, 4) == pytest.approx(TRUE.mixture(N, D, 4), abs=5e-3)
+            assert law.outside(N, D, 4) == []
+    assert any("alpha = 0.34 is assumed" in n for n in law.outside(20_000_000, 1e10, 4))
+    assert Law.from_dict(law.to_dict()).assumed == ["alpha"]
+    assert fit(synthetic(TRUE)).assumed == []  # three sizes fit alpha
+
+
 def test_the_planner_chooses_the_lowest_prediction_and_warns_past_four_epochs():
     law = fit(synthetic(TRUE))
     N, E = 1_000_000, 4

@@ -17,7 +17,9 @@ pretrain-then-specialise law L(N, D, D')), and phi_f is the share of the special
 seed fraction f (fitted per measured f; 1 when unmeasured, flagged).
 
 The dense constants are fitted by least squares on log-spaced exponent grids (exact linear least squares for
-e, a, b at each (alpha, beta)); s_E and phi_f in closed form given those. With fewer than five dense points
+e, a, b at each (alpha, beta)); s_E and phi_f in closed form given those. Two measured sizes fit a (the gap
+between them) but not alpha (any alpha spans the same two values of N^-alpha): alpha is then fixed at
+ALPHA_TWO_SIZES, Hoffmann et al.'s fitted value, and recorded in `assumed`. With fewer than five dense points
 (`--fit` on a user's own runs), only e is refitted (a shift for another corpus or tokenizer) and the shipped
 exponents kept.
 """
@@ -60,6 +62,8 @@ class Law:
     rmse: dict[str, float] = field(default_factory=dict)
     measured: dict[str, list[float]] = field(default_factory=dict)
     """The fitted points' range: params [min, max], tokens_per_param [min, max], experts (the values)."""
+    assumed: list[str] = field(default_factory=list)
+    """Constants set, not fitted, because the points cannot identify them (e.g. "alpha")."""
 
     def outside(self, N: float, D: float, E: int) -> list[str]:
         """Why a prediction at (N, D, E) is an extrapolation (empty when it is inside the measured range)."""
@@ -67,7 +71,9 @@ class Law:
         lo, hi = self.measured.get("params", [N, N])
         if not lo / 2 <= N <= hi * 2:
             # One measured size leaves a N^-alpha unidentified: only D moves the prediction, which is unverified.
-            why = "; one size was measured, so the size term is not fitted" if lo == hi else ""
+            why = ("; one size was measured, so the size term is not fitted" if lo == hi else
+                   f"; the size exponent alpha = {self.alpha:g} is assumed, not fitted" if "alpha" in self.assumed
+                   else "")
             notes.append(f"{N:,.0f} parameters is outside the measured sizes ({lo:,.0f}-{hi:,.0f}){why}")
         tlo, thi = self.measured.get("tokens_per_param", [0, math.inf])
         tpp = D / (E * N)
@@ -126,6 +132,8 @@ def _fkey(f: float) -> str:
 
 
 ALPHAS = np.exp(np.linspace(math.log(0.05), math.log(1.5), 60))
+ALPHA_TWO_SIZES = 0.34
+"""Hoffmann et al. (2022), approach 3: the size exponent used when only two sizes were measured."""
 
 
 def _best_on_grid(N, D, loss, alphas, betas, with_params: bool):
@@ -145,14 +153,20 @@ def _best_on_grid(N, D, loss, alphas, betas, with_params: bool):
     return best
 
 
-def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray, with_params: bool = True
-              ) -> tuple[float, float, float, float, float]:
-    """(e, a, alpha, b, beta) minimising squared error, with a, b >= 0 (`with_params` False: a = alpha = 0): a
-    log-spaced grid of exponents, then a finer one around the best."""
+def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray, with_params: bool = True,
+              alpha: float | None = None) -> tuple[float, float, float, float, float]:
+    """(e, a, alpha, b, beta) minimising squared error, with a, b >= 0 (`with_params` False: a = alpha = 0; `alpha`
+    given: that exponent kept): a log-spaced grid of exponents, then a finer one around the best."""
     step = float(np.log(ALPHAS[1] / ALPHAS[0]))
-    best = _best_on_grid(N, D, loss, ALPHAS if with_params else [0.0], ALPHAS, with_params)
     fine = lambda x: np.exp(np.linspace(np.log(x) - step, np.log(x) + step, 41))  # noqa: E731
-    best = _best_on_grid(N, D, loss, fine(best[3]) if with_params else [0.0], fine(best[5]), with_params)
+
+    def alphas(best):
+        if not with_params or alpha is not None:
+            return [alpha if with_params else 0.0]
+        return ALPHAS if best is None else fine(best[3])
+
+    best = _best_on_grid(N, D, loss, alphas(None), ALPHAS, with_params)
+    best = _best_on_grid(N, D, loss, alphas(best), fine(best[5]), with_params)
     return best[1:]
 
 
@@ -165,18 +179,24 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
     N = np.array([k[0] for k in dense_pts], dtype=np.float64)
     D = np.array([k[1] for k in dense_pts], dtype=np.float64)
     y = np.array(list(dense_pts.values()), dtype=np.float64)
-    if len(dense_pts) >= 3 and len(set(N.tolist())) == 1:
+    sizes, assumed = len(set(N.tolist())), []
+    if len(dense_pts) >= 3 and sizes == 1:
         # One size: the N term is a constant, not identifiable: it is folded into e (no extrapolation in N).
         e, a, alpha, b, beta = fit_dense(N, D, y, with_params=False)
+    elif len(dense_pts) >= 5 and sizes == 2:
+        e, a, alpha, b, beta = fit_dense(N, D, y, alpha=ALPHA_TWO_SIZES)
+        assumed = ["alpha"]
     elif len(dense_pts) >= 5:
         e, a, alpha, b, beta = fit_dense(N, D, y)
     elif base is not None:
         shift = float(np.mean(y - np.array([base.dense(n, d) for n, d in zip(N, D)])))
         e, a, alpha, b, beta = base.e + shift, base.a, base.alpha, base.b, base.beta
+        assumed = list(base.assumed)
     else:
         raise SmallTalkError(f"{len(dense_pts)} distinct dense points: at least 5 (two sizes, several budgets) are "
                              "needed to fit the exponents; give more runs or fit on top of the shipped law")
-    law = Law(e, a, alpha, b, beta, gain=dict(base.gain) if base else {}, split=dict(base.split) if base else {})
+    law = Law(e, a, alpha, b, beta, gain=dict(base.gain) if base else {}, split=dict(base.split) if base else {},
+              assumed=assumed)
     for E in sorted({p.num_experts for p in points}):
         pure = [p for p in points if p.num_experts == E and p.fraction == 0]
         if pure:
