@@ -76,6 +76,19 @@ def test_two_sizes_fit_the_gap_between_them_and_assume_the_size_exponent():
     assert fit(synthetic(TRUE)).assumed == []  # three sizes fit alpha
 
 
+def test_a_data_term_that_grows_with_size_is_fitted_and_moves_the_crossover_with_it():
+    # gamma > 0: a larger model at the same tokens loses more by splitting them, so its crossover in tokens per
+    # parameter is not where the smaller model's is; two sizes are enough to see it.
+    true = Law(e=1.8, a=30.0, alpha=0.34, b=8.0, beta=0.30, gamma=0.15, gain={"4": 0.09, "8": 0.07})
+    law = fit([p for p in synthetic(true, sizes=(40_000, 1_000_000)) if p.fraction == 0])
+    assert law.gamma == pytest.approx(0.15, abs=0.03)
+    small, large = law.crossover(40_000, 4), law.crossover(1_000_000, 4)
+    assert small == pytest.approx(true.crossover(40_000, 4), rel=0.1)
+    assert large == pytest.approx(true.crossover(1_000_000, 4), rel=0.1)
+    assert large > small * (40_000 / 1_000_000)  # not at the same absolute tokens (that is gamma = 0)
+    assert fit([p for p in synthetic(TRUE, sizes=(40_000,)) if p.fraction == 0]).gamma == 0
+
+
 def test_the_planner_chooses_the_lowest_prediction_and_warns_past_four_epochs():
     law = fit(synthetic(TRUE))
     N, E = 1_000_000, 4

@@ -4,9 +4,14 @@ Losses are per-token cross-entropy in nats (ppl = exp(loss)); N is one expert's 
 parameter count, D the training tokens of the whole budget (the dense model's, all experts' together), E the
 number of experts, f the split training seed fraction.
 
-    dense     L_d(N, D)       = e + a N^-alpha + b D^-beta                         (Chinchilla form)
-    mixture   L_m(N, D, E)    = e - s_E ln E + a N^-alpha + b (D / E)^-beta
-    split     L_s(N, D, E, f) = e - phi_f s_E ln E + a N^-alpha + b (f D + (1 - f) D / E)^-beta
+    dense     L_d(N, D)       = e + a N^-alpha + b N^gamma D^-beta             (Chinchilla form when gamma = 0)
+    mixture   L_m(N, D, E)    = e - s_E ln E + a N^-alpha + b N^gamma (D / E)^-beta
+    split     L_s(N, D, E, f) = e - phi_f s_E ln E + a N^-alpha + b N^gamma (f D + (1 - f) D / E)^-beta
+
+gamma lets a larger model lean harder on its data: with gamma = 0 the cost of splitting the data (the data term at
+D / E against D) depends on D alone, so the crossover sits at fixed training tokens whatever the size; with
+gamma = beta the data term is a function of tokens per parameter, and so is the crossover. Measured sizes decide
+(gamma is fitted from two sizes on; 0 with one).
 
 Each expert sees a 1/E share of the tokens (the data term at D / E) but only its segment of the distribution,
 whose entropy is lower: s_E ln E is that specialisation gain, fitted per E from the mixture's measured points.
@@ -54,6 +59,7 @@ class Law:
     alpha: float
     b: float
     beta: float
+    gamma: float = 0.0
     gain: dict[str, float] = field(default_factory=dict)
     """s_E by str(E)."""
     split: dict[str, float] = field(default_factory=dict)
@@ -83,8 +89,12 @@ class Law:
 
     # -- predictions ------------------------------------------------------------------------------
 
+    def data(self, N: float, D: float) -> float:
+        """The data term: what the loss still owes to training tokens D at size N."""
+        return self.b * N ** self.gamma * D ** -self.beta
+
     def dense(self, N: float, D: float) -> float:
-        return self.e + self.a * N ** -self.alpha + self.b * D ** -self.beta
+        return self.e + self.a * N ** -self.alpha + self.data(N, D)
 
     def gain_of(self, E: int) -> tuple[float, bool]:
         """(s_E, measured?): an unmeasured E takes the nearest measured one's gain."""
@@ -97,13 +107,13 @@ class Law:
 
     def mixture(self, N: float, D: float, E: int) -> float:
         s, _ = self.gain_of(E)
-        return self.e - s * math.log(E) + self.a * N ** -self.alpha + self.b * (D / E) ** -self.beta
+        return self.e - s * math.log(E) + self.a * N ** -self.alpha + self.data(N, D / E)
 
     def split_loss(self, N: float, D: float, E: int, f: float) -> float:
         s, _ = self.gain_of(E)
         phi = self.split.get(_fkey(f), 1.0)
         d_eff = f * D + (1 - f) * D / E
-        return self.e - phi * s * math.log(E) + self.a * N ** -self.alpha + self.b * d_eff ** -self.beta
+        return self.e - phi * s * math.log(E) + self.a * N ** -self.alpha + self.data(N, d_eff)
 
     def crossover(self, N: float, E: int) -> float | None:
         """Tokens per expert parameter (D / (E N)) above which the pure mixture beats the dense model; None when it
@@ -131,42 +141,48 @@ def _fkey(f: float) -> str:
     return f"{f:g}"
 
 
-ALPHAS = np.exp(np.linspace(math.log(0.05), math.log(1.5), 60))
+ALPHAS = np.exp(np.linspace(math.log(0.05), math.log(1.5), 30))
+GAMMAS = np.linspace(-0.2, 1.0, 13)
 ALPHA_TWO_SIZES = 0.34
 """Hoffmann et al. (2022), approach 3: the size exponent used when only two sizes were measured."""
 
 
-def _best_on_grid(N, D, loss, alphas, betas, with_params: bool):
+def _best_on_grid(N, D, loss, alphas, betas, gammas, with_params: bool):
+    """(err, e, a, alpha, b, beta, gamma): exact least squares for e, a, b >= 0 at each exponent triple."""
     best = None
     for alpha in alphas:
-        for beta in betas:
-            X = np.stack([np.ones_like(loss), N ** -alpha if with_params else np.zeros_like(loss), D ** -beta], axis=1)
-            coef, *_ = np.linalg.lstsq(X, loss, rcond=None)
-            if coef[1] < 0 or coef[2] < 0:  # refit with the offending term dropped
-                keep = [0] + [i for i in (1, 2) if coef[i] >= 0]
-                sub, *_ = np.linalg.lstsq(X[:, keep], loss, rcond=None)
-                coef = np.zeros(3)
-                coef[keep] = sub
-            err = float(np.sum((X @ coef - loss) ** 2))
-            if best is None or err < best[0]:
-                best = (err, float(coef[0]), float(coef[1]), float(alpha), float(coef[2]), float(beta))
+        size_term = N ** -alpha if with_params else np.zeros_like(loss)
+        for gamma in gammas:
+            for beta in betas:
+                X = np.stack([np.ones_like(loss), size_term, N ** gamma * D ** -beta], axis=1)
+                coef, *_ = np.linalg.lstsq(X, loss, rcond=None)
+                if coef[1] < 0 or coef[2] < 0:  # refit with the offending term dropped
+                    keep = [0] + [i for i in (1, 2) if coef[i] >= 0]
+                    sub, *_ = np.linalg.lstsq(X[:, keep], loss, rcond=None)
+                    coef = np.zeros(3)
+                    coef[keep] = sub
+                err = float(np.sum((X @ coef - loss) ** 2))
+                if best is None or err < best[0]:
+                    best = (err, float(coef[0]), float(coef[1]), float(alpha), float(coef[2]), float(beta),
+                            float(gamma))
     return best
 
 
-def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray, with_params: bool = True,
-              alpha: float | None = None) -> tuple[float, float, float, float, float]:
-    """(e, a, alpha, b, beta) minimising squared error, with a, b >= 0 (`with_params` False: a = alpha = 0; `alpha`
-    given: that exponent kept): a log-spaced grid of exponents, then a finer one around the best."""
-    step = float(np.log(ALPHAS[1] / ALPHAS[0]))
-    fine = lambda x: np.exp(np.linspace(np.log(x) - step, np.log(x) + step, 41))  # noqa: E731
-
-    def alphas(best):
-        if not with_params or alpha is not None:
-            return [alpha if with_params else 0.0]
-        return ALPHAS if best is None else fine(best[3])
-
-    best = _best_on_grid(N, D, loss, alphas(None), ALPHAS, with_params)
-    best = _best_on_grid(N, D, loss, alphas(best), fine(best[5]), with_params)
+def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray, sizes: int = 3, alpha: float | None = None
+              ) -> tuple[float, float, float, float, float, float]:
+    """(e, a, alpha, b, beta, gamma) minimising squared error, with a, b >= 0: log-spaced grids of exponents, then
+    finer ones around the best. One size (`sizes` 1): a = alpha = gamma = 0; `alpha` given: that exponent kept."""
+    a_step = float(np.log(ALPHAS[1] / ALPHAS[0]))
+    g_step = float(GAMMAS[1] - GAMMAS[0])
+    fine = lambda x, step: np.exp(np.linspace(np.log(x) - step, np.log(x) + step, 11))  # noqa: E731
+    with_params = sizes > 1
+    alphas = [alpha] if alpha is not None else ALPHAS if with_params else [0.0]
+    best = _best_on_grid(N, D, loss, alphas, ALPHAS, GAMMAS if with_params else [0.0], with_params)
+    for zoom in (1, 5, 25):  # each pass searches a grid five times finer around the best so far
+        if with_params and alpha is None:  # three exponents: alpha on its own keeps each grid small
+            best = _best_on_grid(N, D, loss, fine(best[3], a_step / zoom), [best[5]], [best[6]], with_params)
+        gammas = np.linspace(best[6] - g_step / zoom, best[6] + g_step / zoom, 11) if with_params else [0.0]
+        best = _best_on_grid(N, D, loss, [best[3]], fine(best[5], a_step / zoom), gammas, with_params)
     return best[1:]
 
 
@@ -181,28 +197,28 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
     y = np.array(list(dense_pts.values()), dtype=np.float64)
     sizes, assumed = len(set(N.tolist())), []
     if len(dense_pts) >= 3 and sizes == 1:
-        # One size: the N term is a constant, not identifiable: it is folded into e (no extrapolation in N).
-        e, a, alpha, b, beta = fit_dense(N, D, y, with_params=False)
+        # One size: the N terms are constants, not identifiable: folded into e and b (no extrapolation in N).
+        e, a, alpha, b, beta, gamma = fit_dense(N, D, y, sizes=1)
     elif len(dense_pts) >= 5 and sizes == 2:
-        e, a, alpha, b, beta = fit_dense(N, D, y, alpha=ALPHA_TWO_SIZES)
+        e, a, alpha, b, beta, gamma = fit_dense(N, D, y, sizes=2, alpha=ALPHA_TWO_SIZES)
         assumed = ["alpha"]
     elif len(dense_pts) >= 5:
-        e, a, alpha, b, beta = fit_dense(N, D, y)
+        e, a, alpha, b, beta, gamma = fit_dense(N, D, y, sizes=sizes)
     elif base is not None:
         shift = float(np.mean(y - np.array([base.dense(n, d) for n, d in zip(N, D)])))
-        e, a, alpha, b, beta = base.e + shift, base.a, base.alpha, base.b, base.beta
+        e, a, alpha, b, beta, gamma = base.e + shift, base.a, base.alpha, base.b, base.beta, base.gamma
         assumed = list(base.assumed)
     else:
         raise SmallTalkError(f"{len(dense_pts)} distinct dense points: at least 5 (two sizes, several budgets) are "
                              "needed to fit the exponents; give more runs or fit on top of the shipped law")
-    law = Law(e, a, alpha, b, beta, gain=dict(base.gain) if base else {}, split=dict(base.split) if base else {},
+    law = Law(e, a, alpha, b, beta, gamma, gain=dict(base.gain) if base else {}, split=dict(base.split) if base else {},
               assumed=assumed)
     for E in sorted({p.num_experts for p in points}):
         pure = [p for p in points if p.num_experts == E and p.fraction == 0]
         if pure:
             # L_m = L_d-with-(D/E) - s ln E  =>  s = mean of (data-shifted dense prediction - measured) / ln E
             law.gain[str(E)] = float(np.mean([(law.e + law.a * p.params ** -law.alpha
-                                               + law.b * (p.tokens / E) ** -law.beta - p.mixture_loss) / math.log(E)
+                                               + law.data(p.params, p.tokens / E) - p.mixture_loss) / math.log(E)
                                               for p in pure]))
     for f in sorted({p.fraction for p in points if p.fraction > 0}):
         phis = []
@@ -213,7 +229,7 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
             if s == 0:
                 continue
             d_eff = f * p.tokens + (1 - f) * p.tokens / p.num_experts
-            rest = law.e + law.a * p.params ** -law.alpha + law.b * d_eff ** -law.beta
+            rest = law.e + law.a * p.params ** -law.alpha + law.data(p.params, d_eff)
             phis.append((rest - p.mixture_loss) / (s * math.log(p.num_experts)))
         if phis:
             law.split[_fkey(f)] = float(np.mean(phis))
