@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SmallTalkError(f"--split-fractions {args.split_fractions}: each must be in (0, {1 - args.decay_fraction:g}] "
                              "(the seed is the dense line's stable phase)")
     plan = make_plan(args.base_run, args.size, budgets, batches, E, args.decay_fraction, splits, base.seed)
+    pin_plan(args.out, plan)
     train = load_split(layout.data, "train")
     corpus_seqs = len(train.dataset)
     epochs = [t / corpus_seqs for t in plan.total_seqs]
@@ -323,6 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def pin_plan(out: Path, plan: Plan) -> None:
+    """Processes sharing OUT (one per learning rate, then the merge) must train the same budgets, or the merge would
+    compare lines at different token counts: the first writes the plan, every later one must match it. The budgets'
+    rounding depends on --batches and --split-fractions, so those must match too."""
+    path = out / "plan.json"
+    mine = {"size": plan.model.name, "params": plan.params, "num_experts": plan.num_experts,
+            "total_seqs": list(plan.total_seqs), "decay_fraction": plan.decay_fraction, "seed": plan.seed}
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, mine)
+        return
+    theirs = read_json(path)
+    if theirs != mine:
+        diff = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in mine.items() if theirs.get(k) != v)
+        raise SmallTalkError(f"{path}: --out was planned differently ({diff}); give every process of one map the same "
+                             "--size, --budgets, --batches and --split-fractions (they set the budgets' rounding), or "
+                             "another --out")
+
+
 def line_point(plan: Plan, line: Line, j: int, start_step: int, train, shards: list, out: Path, valid, v_idx,
                v_routes, log) -> dict:
     """Budget j's model of a line (each expert's, for the mixture) decayed from the line's stable checkpoint at
@@ -340,7 +360,11 @@ def line_point(plan: Plan, line: Line, j: int, start_step: int, train, shards: l
         ev = routed_ppl(models, valid, v_idx, None if line.side == "dense" else v_routes)
         atomic_write_json(point_file, {**dataclasses.asdict(line), "budget": j, "valid_ppl": ev["ppl"],
                                        "steps": plan.steps(line, j), "loadavg_1m": round(os.getloadavg()[0], 2)})
-    return read_json(point_file)
+    point = read_json(point_file)
+    if point["steps"] != plan.steps(line, j):
+        raise SmallTalkError(f"{point_file}: trained for {point['steps']} steps, this plan's budget {j} is "
+                             f"{plan.steps(line, j)}; it belongs to another plan: use another --out")
+    return point
 
 
 def stops_of(plan: Plan, line: Line, splits: list[float]) -> tuple[list[int], list[int]]:

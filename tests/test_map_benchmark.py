@@ -93,6 +93,23 @@ def test_a_rerun_resumes_without_training_and_the_fit_writes_law_plot_and_holdou
     assert "crossover" in (root / "results" / "map.md").read_text()
 
 
+def test_a_process_planned_differently_is_refused_on_a_shared_out(mapped):
+    # Without --split-fractions the budgets round to another multiple: a per-lr process started so would train lines
+    # a merge then compares at unequal tokens. It is refused before it trains or writes anything.
+    base, root = mapped
+    bench = import_benchmark("map")
+    with_split = bench.make_plan(base, "42k", [0.2, 0.5, 1.0, 2.0], [4, 8], 2, 0.2, [0.5], 0)
+    without = bench.make_plan(base, "42k", [0.2, 0.5, 1.0, 2.0], [4, 8], 2, 0.2, [], 0)
+    assert with_split.total_seqs != without.total_seqs
+    before = sorted(str(q) for q in (root / "out").rglob("*")) + sorted(str(q) for q in (root / "results").rglob("*"))
+    other = _map(base, root / "out", root / "other-results", "--split-fractions", "", "--lrs", "0.02")
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "plan.json: --out was planned differently (total_seqs" in other.stderr and "Traceback" not in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    after = sorted(str(q) for q in (root / "out").rglob("*")) + sorted(str(q) for q in (root / "results").rglob("*"))
+    assert after == before and not (root / "other-results").exists()
+
+
 def test_a_map_predicted_before_it_runs_is_compared_with_the_law_it_was_predicted_from(mapped, tmp_path):
     """--predict writes the shipped law's numbers for a map not measured yet; once measured, the fit compares them at
     the measured tokens with that law (not the refitted one). A measured map cannot be 'predicted'."""
