@@ -186,6 +186,9 @@ def plot(summary: dict, law, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = sorted({(r["size"], r["params"], r["num_experts"]) for r in summary["rows"]})
+    # Every law curve spans the whole measured range, so where each size's crossover falls is visible side by side.
+    span = [r["tokens_per_param"] for r in summary["rows"]]
+    xs = np.exp(np.linspace(np.log(min(span) / 2), np.log(max(span) * 2), 100))
     for i, (size, N, E) in enumerate(groups):
         rows = sorted((r for r in summary["rows"] if (r["size"], r["num_experts"]) == (size, E)),
                       key=lambda r: r["tokens_per_param"])
@@ -195,8 +198,6 @@ def plot(summary: dict, law, path: Path) -> None:
         for r in rows:
             for s in r.get("split", []):
                 ax.plot([r["tokens_per_param"]], [s["improvement_pct"]], "^", color=color, alpha=0.7)
-        xs = np.exp(np.linspace(np.log(min(r["tokens_per_param"] for r in rows) / 2),
-                                np.log(max(r["tokens_per_param"] for r in rows) * 2), 100))
         ys = [predicted_ppl(law, N, x * E * N, E)["improvement_pct"] for x in xs]
         ax.plot(xs, ys, "-", color=color, alpha=0.6, label=f"{size}, E={E} (law)")
     # The law runs far below the measured points at the smallest budgets; frame the measurements (the crossover).
@@ -227,7 +228,10 @@ def render(summary: dict) -> str:
                      f"{r['dense_ppl']:.2f} | {r['mixture_ppl']:.2f} | {r['improvement_pct']:+.2f}% | {split} | "
                      f"{r['every_expert_beats_dense']} |")
     lines += ["", "## The fitted law (smalltalk.plan.law)", "",
-              f"dense loss = {law['e']:.4f} + {law['a']:.4g} N^-{law['alpha']:.3f} + {law['b']:.4g} D^-{law['beta']:.3f}; "
+              f"dense loss = {law['e']:.4f} + {law['a']:.4g} N^-{law['alpha']:.3f} + {law['b']:.4g} "
+              f"N^{law.get('gamma', 0):.3f} D^-{law['beta']:.3f}"
+              + (f" ({', '.join(law['assumed'])} assumed, not fitted: two sizes cannot identify it)"
+                 if law.get("assumed") else "") + "; "
               "mixture: the data term at D / E and a specialisation gain s_E ln E with "
               + ", ".join(f"s_{E} = {s:.4f}" for E, s in law["gain"].items())
               + ("; split gain share " + ", ".join(f"phi_{f} = {v:.3f}" for f, v in law["split"].items())
