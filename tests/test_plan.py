@@ -153,3 +153,16 @@ def test_fit_on_a_finished_run_directory(split_run):
     # One dense point: the shipped law shifted to this corpus; the split gain refitted on this run's f.
     assert law["fitted_on"] == [str(run)] and "0.5" in law["split"]
     assert law["alpha"] == default_law().alpha and law["e"] != default_law().e
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # `smalltalk plan ... | head -1`: the reader may close before the second line is written. Here it is closed
+    # before anything is written, so the write always fails.
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    done = subprocess.run([sys.executable, "-m", "smalltalk", "plan", "--params", "42k", "--tokens", "17M",
+                           "--experts", "4"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr

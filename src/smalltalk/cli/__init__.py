@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import SmallTalkError
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed work is saved; re-run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader stopped early (`smalltalk plan ... | head -1`): nothing is lost; exit as SIGPIPE would, quietly
+        # (stdout pointed at devnull so the interpreter's final flush does not raise again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return int(result or 0)
 
 
