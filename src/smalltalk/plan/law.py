@@ -22,7 +22,7 @@ pretrain-then-specialise law L(N, D, D')), and phi_f is the share of the special
 seed fraction f (fitted per measured f; 1 when unmeasured, flagged).
 
 The dense constants are fitted by least squares on log-spaced exponent grids (exact linear least squares for
-e, a, b at each (alpha, beta)); s_E and phi_f in closed form given those. Two measured sizes fit a (the gap
+e, a, b at each (alpha, beta, gamma)); s_E and phi_f in closed form given those. Two measured sizes fit a (the gap
 between them) but not alpha (any alpha spans the same two values of N^-alpha): alpha is then fixed at
 ALPHA_TWO_SIZES, Hoffmann et al.'s fitted value, and recorded in `assumed`. With fewer than five dense points
 (`--fit` on a user's own runs), only e is refitted (a shift for another corpus or tokenizer) and the shipped
@@ -216,9 +216,8 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
     for E in sorted({p.num_experts for p in points}):
         pure = [p for p in points if p.num_experts == E and p.fraction == 0]
         if pure:
-            # L_m = L_d-with-(D/E) - s ln E  =>  s = mean of (data-shifted dense prediction - measured) / ln E
-            law.gain[str(E)] = float(np.mean([(law.e + law.a * p.params ** -law.alpha
-                                               + law.data(p.params, p.tokens / E) - p.mixture_loss) / math.log(E)
+            # L_m = L_d(N, D / E) - s ln E  =>  s = mean of (dense prediction at D / E - measured) / ln E
+            law.gain[str(E)] = float(np.mean([(law.dense(p.params, p.tokens / E) - p.mixture_loss) / math.log(E)
                                               for p in pure]))
     for f in sorted({p.fraction for p in points if p.fraction > 0}):
         phis = []
@@ -229,8 +228,7 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
             if s == 0:
                 continue
             d_eff = f * p.tokens + (1 - f) * p.tokens / p.num_experts
-            rest = law.e + law.a * p.params ** -law.alpha + law.data(p.params, d_eff)
-            phis.append((rest - p.mixture_loss) / (s * math.log(p.num_experts)))
+            phis.append((law.dense(p.params, d_eff) - p.mixture_loss) / (s * math.log(p.num_experts)))
         if phis:
             law.split[_fkey(f)] = float(np.mean(phis))
     law.fitted_on = sorted({p.source for p in points if p.source})
