@@ -64,6 +64,11 @@ python routing_vs_tuned.py --base-run "$RUNS/cpu-base" \
 # `map_fit.py --predict map_1m_e4:4:1,2,4 --params 1057152` (prediction_map_1m_e4.json). ~2 h of both cores.
 LRS="0.0025 0.005" map map_1m_e4 --batches 8 --base-run "$RUNS/cpu-base" --out "$RUNS/map-1m-e4" --size 1m \
   --budgets 1,2,4 --split-fractions 0.5
+# The same base run's 1M map at 4 and 6 tokens per parameter (6: just below the crossover the law put at 6.6 when it was
+# fitted on 1-2), lr 0.0025 only (the better one on both sides at 4), split f = 0.5; predicted beforehand
+# (prediction_map_1m_e4_b46.json, planned_1m_e4_tpp6.json). One process on both cores, ~2 h 10 min.
+python map.py --threads 2 --batches 8 --lrs 0.0025 --base-run "$RUNS/cpu-base" --out "$RUNS/map-1m-e4-b46" --size 1m \
+  --budgets 4,6 --split-fractions 0.5 --name map_1m_e4_b46
 python map_fit.py
 # Not run (about 31 hours of this machine): the 1M map up to 50 tokens per expert parameter needs the whole corpus
 # (configs/map-full-e4.yaml). FULL_1M=1 runs it.
