@@ -107,13 +107,12 @@ class Law:
 
     def mixture(self, N: float, D: float, E: int) -> float:
         s, _ = self.gain_of(E)
-        return self.e - s * math.log(E) + self.a * N ** -self.alpha + self.data(N, D / E)
+        return self.dense(N, D / E) - s * math.log(E)
 
     def split_loss(self, N: float, D: float, E: int, f: float) -> float:
         s, _ = self.gain_of(E)
         phi = self.split.get(_fkey(f), 1.0)
-        d_eff = f * D + (1 - f) * D / E
-        return self.e - phi * s * math.log(E) + self.a * N ** -self.alpha + self.data(N, d_eff)
+        return self.dense(N, split_tokens(D, E, f)) - phi * s * math.log(E)
 
     def crossover(self, N: float, E: int) -> float | None:
         """Tokens per expert parameter (D / (E N)) above which the pure mixture beats the dense model; None when it
@@ -186,6 +185,11 @@ def fit_dense(N: np.ndarray, D: np.ndarray, loss: np.ndarray, sizes: int = 3, al
     return best[1:]
 
 
+def split_tokens(D: float, E: int, f: float) -> float:
+    """The data term's tokens under split training: the seed's f D count fully, each branch sees 1/E of the rest."""
+    return f * D + (1 - f) * D / E
+
+
 def fit(points: list[Point], base: Law | None = None) -> Law:
     """The law fitted to `points` (see the module docstring); `base` supplies the exponents when there are too
     few distinct dense points to fit them."""
@@ -227,7 +231,7 @@ def fit(points: list[Point], base: Law | None = None) -> Law:
             s, _ = law.gain_of(p.num_experts)
             if s == 0:
                 continue
-            d_eff = f * p.tokens + (1 - f) * p.tokens / p.num_experts
+            d_eff = split_tokens(p.tokens, p.num_experts, f)
             phis.append((law.dense(p.params, d_eff) - p.mixture_loss) / (s * math.log(p.num_experts)))
         if phis:
             law.split[_fkey(f)] = float(np.mean(phis))
